@@ -1,0 +1,43 @@
+"""Data on disk -> paired labeled/unlabeled batches on the training device.
+
+`pipelines` never imports `model` or `train`."""
+from pathlib import Path
+from typing import Optional
+
+from pipelines.config import DATASETS, DataConfig
+from pipelines.splits import LabelSplit, balanced_split, load_split
+
+SPLIT_FILE = "labeled_split.json"
+
+
+def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, run_dir: Optional[Path]) -> LabelSplit:
+    """The labeled split of a run: the file named by data.split_file, else the one this run saved
+    before (a resume), else a new one drawn from the seed. Every rank computes the same split."""
+    saved = Path(run_dir) / SPLIT_FILE if run_dir is not None else None
+    if cfg.split_file:
+        return load_split(cfg.split_file, cfg.name, labels)
+    if saved is not None and saved.is_file():
+        return load_split(saved, cfg.name, labels)
+    return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name)
+
+
+def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size: int = 1,
+               run_dir: Optional[Path] = None):
+    """The data of one run on one rank. Rank 0 saves the labeled split into `run_dir`."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch and must be divisible by the "
+                         f"{world_size} processes; pick a multiple of {world_size}")
+    from pipelines.memory import InMemoryData
+    from pipelines.sources import ARRAY_READERS
+
+    if cfg.name not in ARRAY_READERS:
+        raise NotImplementedError(f"data.name={cfg.name!r} has no pipeline yet")
+    arrays = ARRAY_READERS[cfg.name](cfg.root)
+    split = resolve_split(cfg, arrays.train_labels, arrays.num_classes, seed, run_dir)
+    if run_dir is not None and rank == 0:
+        split.save(Path(run_dir) / SPLIT_FILE)
+    return InMemoryData(arrays, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
+                        eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
+
+
+__all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "resolve_split", "SPLIT_FILE"]

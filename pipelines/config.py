@@ -1,0 +1,33 @@
+"""What the data stage needs to know. Filled from the `data:` section of an experiment YAML."""
+from dataclasses import dataclass
+from typing import Optional, Union
+
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # one of DATASETS
+    root: Optional[str] = None  # folder holding the data set files (not needed for digits)
+    labels: Union[int, float] = 50  # int: labeled images, equal per class; float < 1: fraction of each class
+    split_file: Optional[str] = None  # reuse the labeled split saved by another run
+    unlabeled: str = "disjoint"  # "disjoint": labeled images left out of the unlabeled set; "all": kept in
+    batch_size: int = 32  # GLOBAL labeled batch, summed over GPUs; the unlabeled batch is the same size
+    eval_batch_size: int = 500  # global
+    augment: str = "paper"  # ImageNet crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
+    on_corrupt: str = "error"  # ImageNet files that fail to decode: "error" names the file and stops
+    workers: int = 4  # CPU threads for decoding (ImageNet only)
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name={self.name!r}: choose one of {DATASETS}")
+        if self.unlabeled not in ("disjoint", "all"):
+            raise ValueError(f"data.unlabeled={self.unlabeled!r}: choose 'disjoint' or 'all'")
+        if self.augment not in ("paper", "authors"):
+            raise ValueError(f"data.augment={self.augment!r}: choose 'paper' or 'authors'")
+        if isinstance(self.labels, bool) or not (
+            (isinstance(self.labels, int) and self.labels > 0) or (isinstance(self.labels, float) and 0 < self.labels < 1)
+        ):
+            raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class (e.g. 0.1)")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be positive")

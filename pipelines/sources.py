@@ -1,0 +1,128 @@
+"""Readers for the data sets users already have on disk, into uint8 arrays (N, H, W, C).
+
+Nothing is downloaded: each reader says which path it looked at and what layout it expected."""
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+@dataclass
+class ArrayDataset:
+    name: str
+    train_images: np.ndarray  # uint8 (N, H, W, C)
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    flip: bool  # whether a horizontal flip keeps the class (not for digits and house numbers)
+    pad: int  # pixels of zero padding for the random-translation crop
+
+
+class DataMissingError(FileNotFoundError):
+    pass
+
+
+def _need_root(name: str, root: Optional[str], layout: str) -> Path:
+    if not root:
+        raise DataMissingError(f"data.root is not set; point it at the folder that holds {layout} "
+                               f"(e.g. --set data.root=/data/{name})")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataMissingError(f"data.root={str(path)!r} is not a folder; it should hold {layout}")
+    return path
+
+
+def load_digits_arrays(root: Optional[str] = None) -> ArrayDataset:
+    """scikit-learn's 1,797 8x8 digits: a fixed, class-stratified 30% held out as the test set."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
+    labels = digits.target.astype(np.int64)
+    rng = np.random.default_rng(0)  # the test set does not change with the run's seed
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: int(0.3 * (labels == c).sum())]
+                           for c in range(10)])
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[test] = True
+    return ArrayDataset("digits", images[~is_test], labels[~is_test], images[is_test], labels[is_test],
+                        10, flip=False, pad=1)
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataMissingError(f"missing {path}")
+    with open(path, "rb") as f:
+        try:
+            return pickle.load(f, encoding="bytes")
+        except Exception as e:  # a truncated download, an HTML error page saved as the file...
+            raise ValueError(f"{path} is not a CIFAR python pickle ({e}); download it again") from e
+
+
+def _cifar_images(batch: dict, path: Path) -> np.ndarray:
+    data = batch.get(b"data")
+    if data is None or np.asarray(data).ndim != 2 or np.asarray(data).shape[1] != 3072:
+        raise ValueError(f"{path} has no (N, 3072) uint8 'data' entry; is it a CIFAR python pickle?")
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+
+
+def load_cifar10_arrays(root: Optional[str]) -> ArrayDataset:
+    layout = "cifar-10-batches-py/ (data_batch_1..5, test_batch), as unpacked from cifar-10-python.tar.gz"
+    base = _need_root("cifar10", root, layout)
+    folder = base / "cifar-10-batches-py" if (base / "cifar-10-batches-py").is_dir() else base
+    try:
+        train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+        test = _unpickle(folder / "test_batch")
+    except DataMissingError as e:
+        raise DataMissingError(f"{e}; data.root should hold {layout}") from None
+    x_train = np.concatenate([_cifar_images(b, folder) for b in train])
+    y_train = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in train])
+    return ArrayDataset("cifar10", x_train, y_train, _cifar_images(test, folder),
+                        np.asarray(test[b"labels"], dtype=np.int64), 10, flip=True, pad=4)
+
+
+def load_cifar100_arrays(root: Optional[str]) -> ArrayDataset:
+    layout = "cifar-100-python/ (train, test), as unpacked from cifar-100-python.tar.gz"
+    base = _need_root("cifar100", root, layout)
+    folder = base / "cifar-100-python" if (base / "cifar-100-python").is_dir() else base
+    try:
+        train, test = _unpickle(folder / "train"), _unpickle(folder / "test")
+    except DataMissingError as e:
+        raise DataMissingError(f"{e}; data.root should hold {layout}") from None
+    return ArrayDataset("cifar100", _cifar_images(train, folder), np.asarray(train[b"fine_labels"], dtype=np.int64),
+                        _cifar_images(test, folder), np.asarray(test[b"fine_labels"], dtype=np.int64),
+                        100, flip=True, pad=4)
+
+
+def _svhn_mat(path: Path):
+    from scipy.io import loadmat
+
+    if not path.is_file():
+        raise DataMissingError(f"missing {path}; data.root should hold train_32x32.mat and test_32x32.mat "
+                               "from the SVHN cropped-digits page")
+    try:
+        mat = loadmat(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable MATLAB file ({e}); download it again") from e
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None or x.shape[:3] != (32, 32, 3):
+        raise ValueError(f"{path} lacks X (32, 32, 3, N) and y (N, 1); is it an SVHN *_32x32.mat file?")
+    labels = y.reshape(-1).astype(np.int64) % 10  # SVHN writes the digit 0 as label 10
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2), dtype=np.uint8), labels
+
+
+def load_svhn_arrays(root: Optional[str]) -> ArrayDataset:
+    base = _need_root("svhn", root, "train_32x32.mat and test_32x32.mat")
+    x_train, y_train = _svhn_mat(base / "train_32x32.mat")
+    x_test, y_test = _svhn_mat(base / "test_32x32.mat")
+    return ArrayDataset("svhn", x_train, y_train, x_test, y_test, 10, flip=False, pad=4)
+
+
+ARRAY_READERS: dict[str, Callable[[Optional[str]], ArrayDataset]] = {
+    "digits": load_digits_arrays,
+    "cifar10": load_cifar10_arrays,
+    "cifar100": load_cifar100_arrays,
+    "svhn": load_svhn_arrays,
+}

@@ -1,0 +1,51 @@
+"""python -m train [CONFIG] [--set key=value ...] [--out DIR] [--resume]"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from train.config import load_config, resolve_config_path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a semi-supervised classifier with meta-gradient pseudo labels.",
+        epilog="examples:\n"
+               "  python -m train digits\n"
+               "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
+               "  torchrun --nproc_per_node=8 -m train resnet18_imagenet_10pct --set data.root=/data/imagenet\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default="digits",
+                   help="a YAML file, or the name of one in configs/ (default: digits)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.steps=1000 method.meta=false")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config>-seed<seed>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, tuple(args.overrides))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / f"{resolve_config_path(args.config).stem}-seed{cfg.seed}"
+    # A worker restarted by `torchrun --max-restarts` reruns this command: continue, don't refuse.
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+    from train.engine import run  # imports torch: keep `--help` and config errors fast
+
+    summary = run(cfg, out, resume=resume, argv=argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        err = summary.get("test_error")
+        print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

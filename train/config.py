@@ -1,0 +1,258 @@
+"""One typed config per stage, filled from YAML and `--set key=value` overrides.
+
+Precedence: command line > YAML (and the YAML files it names under `base:`) > the defaults below.
+A key that no dataclass declares is an error that names the closest valid key.
+"""
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from model import MODELS, ModelConfig
+from pipelines.config import DataConfig
+from train.meta import ESTIMATORS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class MethodConfig:
+    unlabeled: bool = True  # false: the labeled-only baseline (CE on the labeled batch, nothing else)
+    meta: bool = True  # move pseudo labels by the meta-gradient (Table 4 "Meta")
+    mixup: bool = True  # cross-domain mixup of labeled and unlabeled pairs (Table 4 "Mix-Up")
+    estimator: str = "fd"  # how J·g is computed: fd | jvp | exact
+    eps: float = 0.01  # fd: the parameters move by eps in L2 norm (ε = eps / ||g||)
+    fd_full_precision: bool = True  # fd passes in fp32 without TF32 even under autocast (DESIGN §2)
+    fd_midpoint: bool = False  # fd: take ỹ as (p(θ+εg) + p(θ-εg))/2, one forward fewer, O(ε²) off p(θ)
+    meta_mode: str = "eval"  # the mode of the meta part: "eval" (the authors' code) or "train"
+    meta_scale: str = "authors"  # ŷ = ỹ - lr·2·J·g ("authors") or ŷ = ỹ - β·∇ỹ of Eq. 5 ("literal")
+    meta_multiplier: float = 1.0  # extra factor on the pseudo-label step, for scale sweeps
+    consistency_weight: float = 1.0  # w of the MSE consistency term
+    consistency_rampup: int = 4000  # steps over which w grows linearly from 0
+    mixup_gamma: float = 1.0  # λ ~ Beta(γ, γ)
+    allreduce_grad: bool = True  # average g over ranks before ε is taken (DESIGN §2)
+
+    def __post_init__(self):
+        _choice("method.estimator", self.estimator, ESTIMATORS)
+        _choice("method.meta_mode", self.meta_mode, ("eval", "train"))
+        _choice("method.meta_scale", self.meta_scale, ("authors", "literal"))
+        if not self.unlabeled and (self.meta or self.mixup):
+            raise ValueError("method.unlabeled=false is the labeled-only baseline: also set method.meta=false "
+                             "and method.mixup=false")
+        if self.eps <= 0 or self.mixup_gamma <= 0:
+            raise ValueError("method.eps and method.mixup_gamma must be positive")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # peak learning rate α; the meta learning rate β equals it
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # "step": ×gamma at each milestone; "cosine": cosine decay to 0 after warm-up
+    milestones: list[int] = field(default_factory=lambda: [300_000, 350_000])
+    gamma: float = 0.1
+    warmup_steps: int = 4000  # linear warm-up from 0
+    warmup_epochs: Optional[float] = None  # if set, replaces warmup_steps (epochs of the unlabeled set)
+    implementation: str = "auto"  # torch SGD kernel: auto (fused on GPU, foreach on CPU) | fused | foreach | loop
+
+    def __post_init__(self):
+        _choice("optim.schedule", self.schedule, ("step", "cosine"))
+        _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "loop"))
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = 400_000  # training steps (one labeled + one unlabeled batch each)
+    epochs: Optional[float] = None  # if set, replaces steps: passes over the unlabeled set
+    eval_every: int = 400  # steps between test evaluations
+    log_every: int = 100  # steps between reads of the training statistics (a host-device sync)
+    checkpoint_every: int = 2000  # steps between checkpoints (and one at the end)
+    keep_last_evals: int = 10  # final.json reports the median test error over this many last evaluations
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
+    compile: bool = False  # torch.compile the network
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    sync_bn: bool = False  # SyncBatchNorm across GPUs
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # live progress bar
+
+    def __post_init__(self):
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("eval_every", "log_every", "checkpoint_every", "keep_last_evals"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _choice("model.name", self.model.name, tuple(MODELS))
+        if self.method.mixup and self.method.unlabeled is False:
+            raise ValueError("method.mixup needs unlabeled data")
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        # Prefer an exact type match (an int stays an int in Union[int, float]).
+        for arg in args:
+            if arg is not type(None) and isinstance(arg, type) and type(value) is arg:
+                return value
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ValueError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def from_dict(cls, data: Optional[dict], prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys are errors with a suggestion."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(valid)}"
+            raise KeyError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files and overrides
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of one in configs/ (`digits`, `convlarge_cifar10_4k`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    for candidate in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / name_or_path):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known configs: {', '.join(known)}"
+    raise FileNotFoundError(f"no config file {name_or_path!r}.{hint}")
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path, _seen: tuple = ()) -> dict:
+    """Load a YAML experiment file, merging the files it names under `base:` beneath it."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"config files include each other in a loop: {' -> '.join(map(str, _seen + (path,)))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys at the top level")
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, read_yaml(path.parent / base, _seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    """'a.b=c' -> {'a': {'b': c}} with c parsed as YAML (numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.steps=1000)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: Optional[str] = "digits", overrides: tuple[str, ...] = ()) -> Config:
+    data = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    return from_dict(Config, data)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, as 'key: a -> b'."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        full = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, full)
+        elif va != vb:
+            out.append(f"{full}: {va!r} -> {vb!r}")
+    return out

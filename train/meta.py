@@ -1,0 +1,227 @@
+"""The meta-gradient of the labeled loss with respect to the pseudo labels (paper Eq. 5-11).
+
+With the consistency loss L_u = mean_i ||p_i(θ) - ỹ_i||² evaluated at ỹ = p(θ), one SGD step on L_u
+leaves θ unchanged, and differentiating the labeled loss through that step gives exactly
+
+    ∇ỹ_i = (2α / B_u) · J_θ p(x_u,i; θ) · g,      g = ∇θ mean_k CE(f(x_l,k; θ), y_k),
+
+a Jacobian-vector product (DESIGN §1.3). Three estimators of J·g:
+
+- ``exact``: autograd through the unrolled SGD step (double backward); the slow reference.
+- ``fd``: central finite difference of two forwards at θ ± εg with ε = eps/||g|| (paper Eq. 11).
+- ``jvp``: forward-mode AD, which returns p(θ) and J·g from one pass.
+
+Every estimator leaves the model's parameters and buffers bit for bit as it found them: parameters
+are never written (perturbed copies come from out-of-place foreach ops), and buffers that a
+train-mode forward would update (BatchNorm running statistics) are cloned first. The model is
+used in the mode it is in; when it is in train mode, the passes over x_u replay one random state,
+so dropout masks and shake-shake gates agree between them.
+"""
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+ESTIMATORS = ("fd", "jvp", "exact")
+
+GradReducer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass
+class MetaTargets:
+    pseudo_labels: torch.Tensor  # ỹ = p(x_u; θ), (B_u, C), float32, no grad
+    jg: torch.Tensor  # J_θ p(x_u; θ) · g, (B_u, C), float32, no grad
+    grad_norm: torch.Tensor  # ||g||₂, scalar
+
+
+# ---------------------------------------------------------------------------------------------
+# Model state handling
+
+
+def _state(model: nn.Module):
+    names, params = zip(*model.named_parameters())
+    # Train-mode BatchNorm updates running statistics in place: give it copies to write into.
+    buffers = {n: (b.clone() if model.training else b) for n, b in model.named_buffers()}
+    return list(names), list(params), buffers
+
+
+def _call(model, names, params, buffers, x):
+    return functional_call(model, ({**dict(zip(names, params)), **buffers},), (x,))
+
+
+def _get_rng(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng(state, device: torch.device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _rng_replayer(model: nn.Module, device: torch.device) -> Callable[[], None]:
+    """A function that puts the RNG back where it is now, so that two passes see the same dropout
+    masks and shake-shake gates. Without randomness (eval mode) it does nothing."""
+    if not model.training:
+        return lambda: None
+    state = _get_rng(device)
+    return lambda: _set_rng(state, device)
+
+
+@contextmanager
+def _full_precision(device: torch.device):
+    """fp32 without TF32: the ±εg perturbation is below the resolution of bf16 and TF32 weights."""
+    autocast_off = torch.autocast(device.type, enabled=False)
+    tf32_off = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with autocast_off, tf32_off:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(_fp32_or_wider(logits), dim=-1)
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The labeled gradient g
+
+
+def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None):
+    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2)."""
+    with torch.enable_grad():
+        loss = F.cross_entropy(_fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
+    return reduce_grad(grads) if reduce_grad is not None else grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The three estimators of J·g
+
+
+def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint):
+    gnorm = _global_norm(g)
+    step_size = eps / gnorm  # ε: the parameters move by `eps` in L2 norm
+    step = torch._foreach_mul(g, step_size)
+    plus = torch._foreach_add(params, step)
+    minus = torch._foreach_sub(params, step)
+    precision = _full_precision(x_u.device) if full_precision else nullcontext()
+    x = _fp32_or_wider(x_u) if full_precision else x_u
+    replay = _rng_replayer(model, x_u.device)
+    with torch.no_grad(), precision:
+        p_plus = _probs(_call(model, names, plus, buffers, x))
+        replay()
+        p_minus = _probs(_call(model, names, minus, buffers, x))
+        if midpoint:
+            center = 0.5 * (p_plus + p_minus)  # p(θ) + O(ε²): saves the forward at θ
+        else:
+            replay()
+            center = _probs(_call(model, names, params, buffers, x))
+    jg = (p_plus - p_minus) / (2 * step_size)
+    return center, jg, gnorm
+
+
+def _jvp(model, names, params, buffers, g, x_u):
+    with torch.no_grad(), fwAD.dual_level():
+        duals = [fwAD.make_dual(p.detach(), t.to(p.dtype)) for p, t in zip(params, g)]
+        out = _probs(_call(model, names, duals, buffers, x_u))
+        center, jg = fwAD.unpack_dual(out)
+    return center.clone(), jg.clone(), _global_norm(g)
+
+
+def _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad):
+    """Autograd through the unrolled step θ̂ = θ - α∇θ L_u(θ, ỹ), then ∂G(θ̂)/∂ỹ (α factored out).
+
+    The random state is replayed so that the labeled forward sees the masks of the other estimators'
+    labeled pass and the unlabeled forward those of their unlabeled passes."""
+    if reduce_grad is not None:
+        raise ValueError("method 'exact' is a single-process reference; use 'fd' or 'jvp' with torchrun")
+    leaves = [p.detach().requires_grad_() for p in params]
+    replay_labeled = _rng_replayer(model, x_u.device)
+    with torch.enable_grad():
+        loss_at_theta = F.cross_entropy(_fp32_or_wider(_call(model, names, leaves, buffers, x_l)), y_l)
+        g = torch.autograd.grad(loss_at_theta, leaves, allow_unused=True)
+        g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(leaves, g)]
+        p_u = _probs(_call(model, names, leaves, buffers, x_u))
+        after_unlabeled = _get_rng(x_u.device)
+        pseudo = p_u.detach().clone().requires_grad_()
+        cons = (p_u - pseudo).pow(2).sum(dim=1).mean()
+        grads_u = torch.autograd.grad(cons, leaves, create_graph=True, allow_unused=True)
+        # θ̂ = θ - 1·∇θ L_u: the learning rate α is applied by the caller, as for fd and jvp.
+        theta_hat = [p if gu is None else p - gu for p, gu in zip(leaves, grads_u)]
+        replay_labeled()
+        loss_hat = F.cross_entropy(_fp32_or_wider(_call(model, names, theta_hat, buffers, x_l)), y_l)
+        (grad_pseudo,) = torch.autograd.grad(loss_hat, pseudo)
+    if model.training:
+        _set_rng(after_unlabeled, x_u.device)
+    batch = x_u.shape[0]
+    # grad_pseudo = (2/B_u)·J·g; return J·g so all estimators share one meaning.
+    return p_u.detach(), grad_pseudo.detach() * (batch / 2), _global_norm([x.detach() for x in g])
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def meta_targets(
+    model: nn.Module,
+    x_l: torch.Tensor,
+    y_l: torch.Tensor,
+    x_u: torch.Tensor,
+    *,
+    estimator: str = "fd",
+    eps: float = 0.01,
+    reduce_grad: Optional[GradReducer] = None,
+    fd_full_precision: bool = True,
+    fd_midpoint: bool = False,
+) -> MetaTargets:
+    """ỹ = p(x_u; θ) and J_θ p(x_u; θ)·g, the two things one meta step needs.
+
+    `model` must be the plain module (not a DistributedDataParallel wrapper): the passes here need
+    no gradient synchronisation; `reduce_grad` all-reduces g instead."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    names, params, buffers = _state(model)
+    if estimator == "exact":
+        center, jg, gnorm = _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad)
+        return MetaTargets(center, jg, gnorm)
+    g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad)
+    if estimator == "fd":
+        center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint)
+    else:
+        center, jg, gnorm = _jvp(model, names, params, buffers, g, x_u)
+    return MetaTargets(center, jg, gnorm)
+
+
+def pseudo_label_grad(
+    model: nn.Module,
+    x_l: torch.Tensor,
+    y_l: torch.Tensor,
+    x_u: torch.Tensor,
+    *,
+    lr: float,
+    method: str = "fd",
+    eps: float = 0.01,
+    **kwargs,
+) -> torch.Tensor:
+    """∇ỹ of the paper's Eq. 5: the gradient of the labeled loss after one SGD step of size `lr` on
+    the consistency loss, with respect to the pseudo labels ỹ = p(x_u). Shape (B_u, num_classes)."""
+    out = meta_targets(model, x_l, y_l, x_u, estimator=method, eps=eps, **kwargs)
+    return (2.0 * lr / x_u.shape[0]) * out.jg

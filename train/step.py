@@ -1,0 +1,134 @@
+"""One training step: the four rows of the paper's Table 4 as switches (meta × mixup), plus the
+labeled-only baseline. Algorithm 2 is meta + mixup.
+
+The step returns device tensors and never reads them back: the caller decides when to sync."""
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.config import MethodConfig
+from train.losses import consistency_mse, mixup_pairs, soft_target_kl, update_pseudo_labels
+from train.meta import GradReducer, meta_targets
+
+
+class SeparateForwards(nn.Module):
+    """Calls the network once per input and returns all outputs: each batch keeps its own BatchNorm
+    statistics (as the authors' code), while DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs):
+        return tuple(self.net(x) for x in inputs)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_unlabeled_batch: int) -> torch.Tensor:
+    """The change ỹ - ŷ before projection, from J·g (DESIGN §1.4).
+
+    authors: lr · (p(θ+εg) - p(θ-εg)) / ε = lr · 2·J·g, with no α/B_u factor;
+    literal: β · ∇ỹ with ∇ỹ = (2α/B_u)·J·g of Eq. 5 and β = α = lr."""
+    if method.meta_scale == "authors":
+        scale = 2.0 * lr
+    else:
+        scale = lr * 2.0 * lr / global_unlabeled_batch
+    return (scale * method.meta_multiplier) * jg
+
+
+def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, lr: float, autocast,
+                  reduce_grad: Optional[GradReducer], world_size: int) -> tuple[torch.Tensor, dict]:
+    """ŷ for the unlabeled batch: the network's prediction ỹ, moved by the meta-gradient when
+    method.meta (with meta off, ŷ = ỹ and everything else is unchanged)."""
+    was_training = meta_net.training
+    meta_net.train(method.meta_mode == "train")
+    try:
+        with autocast:
+            if method.meta:
+                out = meta_targets(meta_net, x_l, y_l, x_u, estimator=method.estimator, eps=method.eps,
+                                   reduce_grad=reduce_grad, fd_full_precision=method.fd_full_precision,
+                                   fd_midpoint=method.fd_midpoint)
+                y_tilde = out.pseudo_labels
+                y_hat = update_pseudo_labels(y_tilde, pseudo_label_step(out.jg, lr, method, x_u.shape[0] * world_size))
+                stats = {"pseudo_label_shift": (y_hat - y_tilde).abs().sum(dim=1).mean(),
+                         "labeled_grad_norm": out.grad_norm.float()}
+            else:
+                with torch.no_grad():
+                    y_hat = torch.softmax(meta_net(x_u).float(), dim=1)
+                stats = {}
+    finally:
+        meta_net.train(was_training)
+    return y_hat.detach(), stats
+
+
+def train_step(
+    forwards: nn.Module,
+    meta_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    method: MethodConfig,
+    num_classes: int,
+    lr: float,
+    consistency_weight: float,
+    precision: str = "fp32",
+    scaler: Optional[torch.amp.GradScaler] = None,
+    reduce_grad: Optional[GradReducer] = None,
+    world_size: int = 1,
+    before_backward: Optional[Callable[[torch.Tensor], None]] = None,
+) -> dict[str, torch.Tensor]:
+    """One step of SGD on labeled batch (x_l, y_l) and unlabeled batch x_u.
+
+    forwards: SeparateForwards around the network (wrapped in DDP under torchrun), in train mode.
+    meta_net: the plain network, for the meta part (no gradient synchronisation needed there).
+    Returns detached scalar tensors for logging."""
+    x_l, y_l, x_u = batch
+    device = x_l.device
+    autocast = autocast_for(device, precision)
+    stats: dict[str, torch.Tensor] = {}
+
+    if method.unlabeled:
+        y_hat, stats = pseudo_labels(meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
+                                     reduce_grad=reduce_grad, world_size=world_size)
+
+    with autocast:
+        if not method.unlabeled:
+            (logits_l,) = forwards(x_l)
+            loss_cls = F.cross_entropy(logits_l.float(), y_l)
+            loss = loss_cls
+        else:
+            if method.mixup:
+                gamma = torch.tensor(method.mixup_gamma, device=device)
+                lam = torch.distributions.Beta(gamma, gamma).sample((x_l.shape[0],))  # (B,)
+                onehot = F.one_hot(y_l, num_classes).float()
+                x_in, y_in = mixup_pairs(x_l, onehot, x_u, y_hat, lam)
+                logits_in, logits_u = forwards(x_in, x_u)
+                loss_cls = soft_target_kl(logits_in, y_in)
+            else:
+                logits_l, logits_u = forwards(x_l, x_u)
+                loss_cls = F.cross_entropy(logits_l.float(), y_l)
+            loss_cons = consistency_mse(logits_u, y_hat)
+            stats["loss_consistency"] = loss_cons.detach()
+            loss = loss_cls + consistency_weight * loss_cons
+
+    if before_backward is not None:
+        before_backward(loss)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    stats["loss"] = loss.detach()
+    stats["loss_classification"] = loss_cls.detach()
+    return stats
