@@ -1,0 +1,28 @@
+"""Shared test set-up. Area-specific fixtures live in each test module, not here."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Two cores in CI: one intra-op thread per test process keeps pytest-xdist workers from fighting.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment for child processes (`python -m train`, torchrun) that run this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
