@@ -12,20 +12,20 @@ a Jacobian-vector product (DESIGN §1.3). Three estimators of J·g:
 - ``jvp``: forward-mode AD, which returns p(θ) and J·g from one pass.
 
 Every estimator leaves the model's parameters and buffers bit for bit as it found them: parameters
-are never written (perturbed copies come from out-of-place foreach ops), and buffers that a
-train-mode forward would update (BatchNorm running statistics) are cloned first. The model is
-used in the mode it is in; when it is in train mode, the passes over x_u replay one random state,
-so dropout masks and shake-shake gates agree between them.
+are never written (perturbed copies come from out-of-place foreach ops), and BatchNorm layers stop
+tracking running statistics for the duration of the call (in train mode they still normalise with
+batch statistics, exactly as before). The model is used in the mode it is in; in train mode the
+passes over x_u replay one random state, so dropout masks and shake-shake gates agree between them.
 """
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.func import functional_call, jvp
+from torch.nn.modules.batchnorm import _BatchNorm
 
 ESTIMATORS = ("fd", "jvp", "exact")
 
@@ -43,11 +43,23 @@ class MetaTargets:
 # Model state handling
 
 
+@contextmanager
+def _frozen_batchnorm_stats(model: nn.Module):
+    """Train-mode BatchNorm without the in-place update of running statistics (and of
+    num_batches_tracked): the normalisation itself is unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.training]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 def _state(model: nn.Module):
     names, params = zip(*model.named_parameters())
-    # Train-mode BatchNorm updates running statistics in place: give it copies to write into.
-    buffers = {n: (b.clone() if model.training else b) for n, b in model.named_buffers()}
-    return list(names), list(params), buffers
+    return list(names), list(params), dict(model.named_buffers())
 
 
 def _call(model, names, params, buffers, x):
@@ -138,12 +150,31 @@ def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint):
     return center, jg, gnorm
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def _jvp(model, names, params, buffers, g, x_u):
-    with torch.no_grad(), fwAD.dual_level():
-        duals = [fwAD.make_dual(p.detach(), t.to(p.dtype)) for p, t in zip(params, g)]
-        out = _probs(_call(model, names, duals, buffers, x_u))
-        center, jg = fwAD.unpack_dual(out)
-    return center.clone(), jg.clone(), _global_norm(g)
+    primals, tangents = [p.detach() for p in params], g
+    low = _autocast_dtype(x_u.device)
+    if low is not None:
+        # Under autocast, ops whose forward-mode rule promotes to fp32 (BatchNorm) feed an fp32
+        # dual tensor into the next conv, which autocast then fails to cast. Running the whole
+        # pass in the low precision avoids that; cosine to a float64 reference stays > 0.9999.
+        def cast(t):
+            return t.to(low) if t.is_floating_point() else t
+
+        primals, tangents = [cast(p) for p in primals], [cast(t) for t in tangents]
+        buffers = {n: cast(b) for n, b in buffers.items()}
+
+    def probs_of(flat_params):
+        return _probs(_call(model, names, flat_params, buffers, x_u))
+
+    with torch.no_grad():
+        center, jg = jvp(probs_of, (primals,), (tangents,))
+    return center, jg, _global_norm(g)
 
 
 def _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad):
@@ -199,14 +230,15 @@ def meta_targets(
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     names, params, buffers = _state(model)
-    if estimator == "exact":
-        center, jg, gnorm = _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad)
-        return MetaTargets(center, jg, gnorm)
-    g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad)
-    if estimator == "fd":
-        center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint)
-    else:
-        center, jg, gnorm = _jvp(model, names, params, buffers, g, x_u)
+    with _frozen_batchnorm_stats(model):
+        if estimator == "exact":
+            center, jg, gnorm = _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad)
+        else:
+            g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad)
+            if estimator == "fd":
+                center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint)
+            else:
+                center, jg, gnorm = _jvp(model, names, params, buffers, g, x_u)
     return MetaTargets(center, jg, gnorm)
 
 

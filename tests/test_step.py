@@ -1,0 +1,145 @@
+"""The training step: Theorem 1 in miniature, the Table-4 switches, pseudo-label arithmetic."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import build_model
+from train.config import MethodConfig
+from train.losses import consistency_mse, mixup_pairs, update_pseudo_labels
+from train.meta import pseudo_label_grad
+from train.step import SeparateForwards, pseudo_label_step, pseudo_labels, train_step
+
+
+def small_net(classes=4):
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, classes)).double()
+
+
+def labeled_loss(model, x_l, y_l):
+    with torch.no_grad():
+        return F.cross_entropy(model(x_l), y_l).item()
+
+
+def algorithm1_step(model, x_l, y_l, x_u, *, alpha, beta, method, sign=1.0):
+    """θ ← θ - α ∇θ mean||p(x_u) - ŷ||² with ŷ = ỹ - β∇ỹ (paper Algorithm 1, literal scale)."""
+    with torch.no_grad():
+        y_tilde = torch.softmax(model(x_u), dim=1)
+    y_hat = y_tilde - sign * beta * pseudo_label_grad(model, x_l, y_l, x_u, lr=alpha, method=method)
+    loss = consistency_mse(model(x_u), y_hat)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= alpha * g
+
+
+@pytest.mark.parametrize("method", ["exact", "jvp", "fd"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_theorem1_one_step_does_not_increase_the_labeled_loss(method, seed):
+    """All labeled data in the batch, small α and β: G(θ_{t+1}) ≤ G(θ_t), whatever the unlabeled batch."""
+    torch.manual_seed(seed)
+    model = small_net()
+    x_l, y_l = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (16,))
+    x_u = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    before = labeled_loss(model, x_l, y_l)
+    algorithm1_step(model, x_l, y_l, x_u, alpha=0.5, beta=50.0, method=method)
+    after = labeled_loss(model, x_l, y_l)
+    assert after < before
+
+
+def test_theorem1_control_the_reversed_meta_step_increases_the_labeled_loss():
+    """The same step with the pseudo labels moved the wrong way must hurt: the test above can fail."""
+    torch.manual_seed(0)
+    model = small_net()
+    x_l, y_l = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (16,))
+    x_u = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    before = labeled_loss(model, x_l, y_l)
+    algorithm1_step(model, x_l, y_l, x_u, alpha=0.5, beta=50.0, method="jvp", sign=-1.0)
+    assert labeled_loss(model, x_l, y_l) > before
+
+
+def test_pseudo_labels_are_projected_back_onto_the_simplex():
+    pseudo = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    delta = torch.tensor([[0.8, -0.1, 0.0], [0.6, 0.6, 0.1], [0.1, -0.1, 0.0]])
+    out = update_pseudo_labels(pseudo, delta)
+    assert (out >= 0).all()
+    assert torch.allclose(out[0], torch.tensor([0.0, 0.3, 0.1]) / 0.4)
+    assert torch.equal(out[1], torch.zeros(3))  # pushed entirely below zero: left as zeros, not NaN
+    assert torch.allclose(out[2], torch.tensor([0.1, 0.4, 0.5]))
+
+
+def test_meta_scales_authors_and_literal():
+    jg = torch.tensor([[1.0, -1.0]])
+    authors = pseudo_label_step(jg, 0.1, MethodConfig(meta_scale="authors"), global_unlabeled_batch=128)
+    literal = pseudo_label_step(jg, 0.1, MethodConfig(meta_scale="literal"), global_unlabeled_batch=128)
+    assert torch.allclose(authors, 0.2 * jg)  # lr · 2·J·g
+    assert torch.allclose(literal, (0.1 * 2 * 0.1 / 128) * jg)  # β · (2α/B_u)·J·g
+    assert torch.allclose(authors / literal, torch.full_like(jg, 128 / 0.1))
+
+
+def test_mixup_pairs_interpolates_images_and_labels_per_pair():
+    x_l, x_u = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    y_l, y_u = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    x, y = mixup_pairs(x_l, y_l, x_u, y_u, torch.tensor([1.0, 0.25]))
+    assert torch.equal(x[0], torch.zeros(1, 2, 2)) and torch.allclose(x[1], torch.full((1, 2, 2), 0.75))
+    assert torch.allclose(y, torch.tensor([[1.0, 0.0], [0.375, 0.625]]))
+
+
+def digits_batch(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g), torch.randn(n, 1, 8, 8, generator=g)
+
+
+ROWS = {
+    "labeled-only": dict(unlabeled=False, meta=False, mixup=False),
+    "consistency": dict(meta=False, mixup=False),
+    "meta": dict(meta=True, mixup=False),
+    "mixup": dict(meta=False, mixup=True),
+    "meta+mixup": dict(meta=True, mixup=True),
+}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_every_table4_row_trains_one_step(row):
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1)
+    before = copy.deepcopy(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    method = MethodConfig(**ROWS[row])
+    net.train()
+    stats = train_step(SeparateForwards(net), net, opt, digits_batch(), method=method, num_classes=10, lr=0.1,
+                       consistency_weight=1.0)
+    assert net.training
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert ("pseudo_label_shift" in stats) == method.meta
+    assert ("loss_consistency" in stats) == method.unlabeled
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("weight") for k in changed)
+
+
+def test_meta_off_means_the_pseudo_labels_are_the_eval_predictions():
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).train()
+    x_l, y_l, x_u = digits_batch()
+    y_hat, stats = pseudo_labels(net, x_l, y_l, x_u, method=MethodConfig(meta=False), lr=0.1,
+                                 autocast=torch.autocast("cpu", enabled=False), reduce_grad=None, world_size=1)
+    net.eval()
+    with torch.no_grad():
+        expected = torch.softmax(net(x_u), dim=1)
+    assert torch.allclose(y_hat, expected) and stats == {}
+
+
+def test_meta_on_moves_the_pseudo_labels_by_the_meta_gradient():
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).train()
+    x_l, y_l, x_u = digits_batch()
+    off, _ = pseudo_labels(net, x_l, y_l, x_u, method=MethodConfig(meta=False), lr=0.1,
+                           autocast=torch.autocast("cpu", enabled=False), reduce_grad=None, world_size=1)
+    on, stats = pseudo_labels(net, x_l, y_l, x_u, method=MethodConfig(meta=True, estimator="jvp"), lr=0.1,
+                              autocast=torch.autocast("cpu", enabled=False), reduce_grad=None, world_size=1)
+    shift = (on - off).abs().sum(1).mean()
+    assert shift > 1e-4
+    assert torch.allclose(stats["pseudo_label_shift"], shift, rtol=1e-5)
+    assert torch.allclose(on.sum(1), torch.ones(8))
