@@ -27,17 +27,36 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
     if cfg.batch_size % world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch and must be divisible by the "
                          f"{world_size} processes; pick a multiple of {world_size}")
+    if cfg.name == "imagenet":
+        from pipelines.folders import load_image_folders
+        from pipelines.imagenet import ImageFolderData
+
+        folders = load_image_folders(cfg.root, cfg.name)
+        split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed, rank, run_dir)
+        return ImageFolderData(folders, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
+                               eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
+                               image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
+                               num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir)
     from pipelines.memory import InMemoryData
     from pipelines.sources import ARRAY_READERS
 
     if cfg.name not in ARRAY_READERS:
         raise NotImplementedError(f"data.name={cfg.name!r} has no pipeline yet")
+    if cfg.download:
+        from pipelines.download import download
+
+        download(cfg.name, cfg.root)
     arrays = ARRAY_READERS[cfg.name](cfg.root)
-    split = resolve_split(cfg, arrays.train_labels, arrays.num_classes, seed, run_dir)
-    if run_dir is not None and rank == 0:
-        split.save(Path(run_dir) / SPLIT_FILE)
+    split = _split_for_run(cfg, arrays.train_labels, arrays.num_classes, seed, rank, run_dir)
     return InMemoryData(arrays, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                         eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
 
+
+def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, rank: int,
+                   run_dir: Optional[Path]) -> LabelSplit:
+    split = resolve_split(cfg, labels, num_classes, seed, run_dir)
+    if run_dir is not None and rank == 0:
+        split.save(Path(run_dir) / SPLIT_FILE)
+    return split
 
 __all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "resolve_split", "SPLIT_FILE"]

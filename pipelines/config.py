@@ -15,8 +15,12 @@ class DataConfig:
     batch_size: int = 32  # GLOBAL labeled batch, summed over GPUs; the unlabeled batch is the same size
     eval_batch_size: int = 500  # global
     augment: str = "paper"  # ImageNet crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
-    on_corrupt: str = "error"  # ImageNet files that fail to decode: "error" names the file and stops
+    on_corrupt: str = "skip"  # ImageNet files that fail to decode: "skip" warns with the file's name, notes it in
+    # corrupt_files.txt in the run folder and uses the next image instead; "error" stops, naming the file
     workers: int = 4  # CPU threads for decoding (ImageNet only)
+    image_size: int = 224  # ImageNet crop side
+    resize_size: int = 256  # ImageNet shortest edge before the crop ("paper" training and all evaluation)
+    download: bool = False  # CIFAR/SVHN: fetch the files into data.root when missing (never by default)
 
     def __post_init__(self):
         if self.name not in DATASETS:
@@ -29,5 +33,10 @@ class DataConfig:
             (isinstance(self.labels, int) and self.labels > 0) or (isinstance(self.labels, float) and 0 < self.labels < 1)
         ):
             raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class (e.g. 0.1)")
+        if self.on_corrupt not in ("skip", "error"):
+            raise ValueError(f"data.on_corrupt={self.on_corrupt!r}: choose 'skip' or 'error'")
+        if not 0 < self.image_size <= self.resize_size:
+            raise ValueError(f"data.image_size={self.image_size} must be positive and at most "
+                             f"data.resize_size={self.resize_size}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")

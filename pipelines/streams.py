@@ -34,12 +34,20 @@ class IndexStream:
             start, count = start + n, count - n
         return torch.cat(parts)
 
+    def batch_indices(self, batch: int, rank: int) -> torch.Tensor:
+        """Rank `rank`'s indices of global batch number `batch` (CPU int64), without moving."""
+        local = self.global_batch // self.world_size
+        return self._take(batch * self.global_batch + rank * local, local)
+
     def next_batch(self) -> torch.Tensor:
         """This rank's indices of the next global batch (CPU int64)."""
-        local = self.global_batch // self.world_size
-        start = self.position + self.rank * local
+        idx = self.batch_indices(self.batches_done, self.rank)
         self.position += self.global_batch
-        return self._take(start, local)
+        return idx
+
+    @property
+    def batches_done(self) -> int:
+        return self.position // self.global_batch
 
     @property
     def epoch(self) -> float:
@@ -49,4 +57,8 @@ class IndexStream:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        position = int(state["position"])
+        if position < 0 or position % self.global_batch:
+            raise ValueError(f"saved stream position {position} is not a whole number of global batches of "
+                             f"{self.global_batch}; was the checkpoint written with another data.batch_size?")
+        self.position = position

@@ -1,0 +1,329 @@
+"""ImageNet-style folders through NVIDIA DALI: read, decode (on the GPU when there is one), crop,
+flip and normalise, straight into torch tensors in channels_last.
+
+Exact resume. DALI's own shuffling and random operators keep state inside the pipeline, so instead
+the order comes from `IndexStream` (a pure function of the seed and the position) and every random
+number of the augmentation comes from a NumPy generator seeded by (seed, stream, rank, batch number)
+and fed in through `external_source`. A pipeline is built for a chunk of the stream (about one epoch)
+with the files in the order they will be used; a resumed run builds its first chunk at the saved
+batch and gets the same images with the same crops as a run that never stopped.
+
+Sharding. Every rank builds the same rank-major file list for a chunk, and the file reader's
+`shard_id`/`num_shards` hands each rank its own slice, which is that rank's share of each global batch.
+
+Corrupt files. DALI's decode errors do not name the file. When a batch fails, the files it may have
+come from are decoded one by one on the CPU to find the culprit. With `on_corrupt="skip"` (default)
+the file is named in a warning, written to `corrupt_files.txt` in the run folder, and replaced by the
+next good image of the same set from then on (the replacement is part of the saved state, so resumes
+stay exact); with `on_corrupt="error"` the run stops with an error naming the file."""
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pipelines.streams import IndexStream
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, as fractions of 255
+STD = (0.229, 0.224, 0.225)
+PREFETCH = 2  # DALI's default prefetch queue depth; a failure may surface this many batches late
+CORRUPT_LOG = "corrupt_files.txt"
+
+
+class CorruptImageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What happens to a decoded image.
+    paper: shortest edge to `resize_size`, random `image_size` square crop, flip.
+    authors: random crop of 10-100% of the area with aspect 0.8-1.25, resized to `image_size`, flip.
+    eval: shortest edge to `resize_size`, centre `image_size` crop."""
+    kind: str
+    image_size: int = 224
+    resize_size: int = 256
+    flip: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("paper", "authors", "eval"):
+            raise ValueError(f"unknown transform {self.kind!r}; choose paper, authors or eval")
+        if self.resize_size < self.image_size:
+            raise ValueError(f"resize size {self.resize_size} is smaller than the crop {self.image_size}")
+
+    @property
+    def random_numbers(self) -> int:
+        return 0 if self.kind == "eval" else 5  # area, log-aspect, x, y, flip
+
+
+def augmentation_numbers(seed: int, stream_id: int, rank: int, batch: int, size: int, count: int) -> np.ndarray:
+    """Uniform [0, 1) numbers for one batch of one rank, float32 (size, count): a pure function of its key."""
+    return np.random.default_rng([seed, stream_id, rank, batch]).random((size, count), dtype=np.float32)
+
+
+def _graph(jpegs, labels, transform: Transform, decode_device: str, numbers):
+    """The DALI operators after the reader; `numbers` is a DataNode of per-sample uniforms or None."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    mean = [255.0 * m for m in MEAN]
+    std = [255.0 * s for s in STD]
+    size = transform.image_size
+    if transform.kind == "authors":
+        shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C), read from the header
+        h, w = shape[0], shape[1]
+        area = 0.1 + 0.9 * numbers[0]
+        aspect = dmath.exp(math.log(0.8) + (math.log(1.25) - math.log(0.8)) * numbers[1])  # w/h in pixels
+        # Fractions of width and height: (wf W)(hf H) = area W H and (wf W)/(hf H) = aspect; clamped to the image.
+        wf = dmath.min(dmath.sqrt(area * aspect * h / w), 1.0)
+        hf = dmath.min(dmath.sqrt(area * w / (aspect * h)), 1.0)
+        anchor = fn.stack((1.0 - wf) * numbers[2], (1.0 - hf) * numbers[3])
+        images = fn.decoders.image_slice(jpegs, anchor, fn.stack(wf, hf), device=decode_device,
+                                         output_type=types.RGB, normalized_anchor=True, normalized_shape=True)
+        images = fn.resize(images, resize_x=size, resize_y=size)
+        crop = {}
+    else:
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=transform.resize_size)
+        crop = {"crop": (size, size)}
+        if transform.kind == "paper":
+            crop.update(crop_pos_x=numbers[2], crop_pos_y=numbers[3])
+    if transform.kind != "eval" and transform.flip:
+        crop["mirror"] = fn.cast(numbers[4] < 0.5, dtype=types.INT32)
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, **crop)
+    return images, labels
+
+
+def build_pipeline(files: Sequence[str], labels: Sequence[int], transform: Transform, *, batch_size: int,
+                   shard_id: int = 0, num_shards: int = 1, device_id: Optional[int] = None, num_threads: int = 2,
+                   numbers: Optional[Callable[[int], np.ndarray]] = None):
+    """A built DALI pipeline reading `files` in order (this shard's contiguous slice), giving
+    (float HWC normalised images, int32 labels). `numbers(iteration)` supplies the augmentation's
+    uniforms; the decode runs on GPU `device_id`, or on the CPU when it is None."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    decode_device = "cpu" if device_id is None else "mixed"
+
+    @pipeline_def
+    def pipe():
+        jpegs, lab = fn.readers.file(files=list(files), labels=[int(v) for v in labels], random_shuffle=False,
+                                     shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
+                                     pad_last_batch=True, name="reader")
+        uniforms = None
+        if transform.random_numbers:
+            uniforms = fn.external_source(source=lambda info: list(numbers(info.iteration)), batch_info=True,
+                                          batch=True, dtype=types.FLOAT, ndim=1)
+        return _graph(jpegs, lab, transform, decode_device, uniforms)
+
+    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
+             prefetch_queue_depth=PREFETCH, exec_async=True, exec_pipelined=True)
+    p.build()
+    return p
+
+
+def to_torch(images, labels, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """DALI outputs -> float32 (B, C, H, W) channels_last and int64 (B,) on `device`."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = images.as_tensor()
+    x = torch.empty(dense.shape(), dtype=torch.float32, device=device)  # (B, H, W, C)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, x, cuda_stream=stream)
+    y = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1).astype(np.int64)).to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2), y  # NCHW shape, NHWC memory
+
+
+def find_undecodable(files: Sequence[str]) -> list[str]:
+    """The files among `files` that DALI's CPU decoder rejects (each tried alone)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    bad = []
+    for path in dict.fromkeys(files):  # unique, in order
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError:
+            bad.append(path)
+            continue
+
+        @pipeline_def
+        def check():
+            raw = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8, ndim=1)
+            return fn.peek_image_shape(raw), fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+
+        try:
+            p = check(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+                      exec_pipelined=False)
+            p.build()
+            p.run()
+        except Exception:
+            bad.append(path)
+    return bad
+
+
+class CorruptFiles:
+    """The files of one run found undecodable: what to do with them and where they are noted."""
+
+    def __init__(self, policy: str, run_dir: Optional[Path] = None):
+        if policy not in ("skip", "error"):
+            raise ValueError(f"data.on_corrupt={policy!r}: choose 'skip' or 'error'")
+        self.policy, self.run_dir = policy, run_dir
+        self.known: set[str] = set()
+
+    def report(self, found: list[str], candidates: Sequence[str], error: Exception) -> None:
+        if not found:
+            names = ", ".join(list(dict.fromkeys(candidates))[:8])
+            raise CorruptImageError(f"the data pipeline failed on a batch from these files: {names} ... but each "
+                                    f"decodes alone on the CPU; the GPU decoder may reject one of them "
+                                    f"(re-encode it, or remove it). DALI said: {error}") from error
+        if self.policy == "error":
+            raise CorruptImageError(f"cannot decode {found[0]}" + (f" (and {len(found) - 1} more)" if found[1:] else "")
+                                    + "; delete or re-encode it, or set data.on_corrupt=skip to train without it")
+        for path in found:
+            if path in self.known:
+                continue
+            self.known.add(path)
+            warnings.warn(f"skipping undecodable image {path}; it is replaced by the next image of the same set "
+                          f"(data.on_corrupt=skip)", RuntimeWarning, stacklevel=3)
+            print(f"[data] skipping undecodable image {path}", file=sys.stderr, flush=True)
+            if self.run_dir is not None:
+                with open(Path(self.run_dir) / CORRUPT_LOG, "a") as f:
+                    f.write(path + "\n")
+
+
+class FileStream:
+    """Endless augmented batches of one set of files (labeled or unlabeled) for one rank."""
+
+    def __init__(self, files: Sequence[str], labels: np.ndarray, members: np.ndarray, transform: Transform, *,
+                 global_batch: int, seed: int, stream_id: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, num_threads: int = 2, chunk_batches: Optional[int] = None,
+                 corrupt: Optional[CorruptFiles] = None):
+        self.files, self.labels, self.members = files, labels, np.asarray(members, dtype=np.int64)
+        self.transform, self.seed, self.stream_id, self.device = transform, seed, stream_id, device
+        self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
+        self.local = global_batch // world_size
+        self.index = IndexStream(len(self.members), seed * 1000 + stream_id, global_batch, rank, world_size)
+        self.chunk_batches = chunk_batches or max(100, math.ceil(len(self.members) / global_batch))
+        self.corrupt = corrupt or CorruptFiles("error")
+        self.skipped: set[int] = set()  # positions in `members` whose file is undecodable
+        self._pipe, self._chunk_start, self._chunk_files = None, 0, []
+
+    def _file_position(self, pos: int) -> int:
+        """`pos`, or the next position whose file decodes (the stand-in for a skipped file)."""
+        for step in range(len(self.members)):
+            candidate = (pos + step) % len(self.members)
+            if candidate not in self.skipped:
+                return candidate
+        raise CorruptImageError("every image of this set is undecodable; check data.root")
+
+    def _build(self) -> None:
+        start = self.index.batches_done
+        positions = [self._file_position(int(p)) for r in range(self.world_size)
+                     for b in range(start, start + self.chunk_batches) for p in self.index.batch_indices(b, r)]
+        files = [self.files[self.members[p]] for p in positions]
+        labels = self.labels[self.members[positions]]
+        n = self.transform.random_numbers
+        numbers = (lambda it: augmentation_numbers(self.seed, self.stream_id, self.rank, start + it, self.local, n))
+        self._pipe = None  # free the old pipeline's threads and buffers first
+        self._pipe = build_pipeline(files, labels, self.transform, batch_size=self.local, shard_id=self.rank,
+                                    num_shards=self.world_size, device_id=_device_id(self.device),
+                                    num_threads=self.num_threads, numbers=numbers)
+        self._chunk_start = start
+        mine = len(files) // self.world_size
+        self._chunk_files = files[self.rank * mine:(self.rank + 1) * mine]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._pipe is None or self.index.batches_done >= self._chunk_start + self.chunk_batches:
+                self._build()
+            try:
+                images, labels = self._pipe.run()
+            except Exception as e:  # a decode failure makes the whole pipeline unusable
+                self._pipe = None
+                k = self.index.batches_done - self._chunk_start
+                candidates = self._chunk_files[k * self.local:(k + 1 + PREFETCH) * self.local]
+                found = find_undecodable(candidates)
+                self.corrupt.report(found, candidates, e)
+                bad = set(found)
+                self.skipped |= {int(p) for p, m in enumerate(self.members) if self.files[m] in bad}
+                continue  # rebuild from this batch without the file
+            self.index.position += self.index.global_batch
+            return to_torch(images, labels, self.device)
+
+    @property
+    def epoch(self) -> float:
+        return self.index.epoch
+
+    def state_dict(self) -> dict:
+        return {"position": self.index.position, "skipped": sorted(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index.load_state_dict(state)
+        self.skipped = {int(p) for p in state.get("skipped", [])}
+        self._pipe = None
+
+
+def _device_id(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return None
+
+
+class PairedFileBatches:
+    """Endless (x_l, y_l, x_u): two independent file streams, labeled and unlabeled."""
+
+    def __init__(self, labeled: FileStream, unlabeled: FileStream):
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_l, y_l = self.labeled.next_batch()
+        x_u, _ = self.unlabeled.next_batch()
+        return x_l, y_l, x_u
+
+    @property
+    def unlabeled_epoch(self) -> float:
+        return self.unlabeled.epoch
+
+    def state_dict(self) -> dict:
+        return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labeled.load_state_dict(state["labeled"])
+        self.unlabeled.load_state_dict(state["unlabeled"])
+
+
+def eval_batches(files: Sequence[str], labels: np.ndarray, transform: Transform, *, batch_size: int,
+                 device: torch.device, num_threads: int = 2,
+                 corrupt: Optional[CorruptFiles] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches of `files` in order, each file once; undecodable files are dropped (skip) or
+    stop the evaluation with their name (error)."""
+    corrupt = corrupt or CorruptFiles("error")
+    files, labels = list(files), np.asarray(labels, dtype=np.int64)
+    keep = [i for i, f in enumerate(files) if f not in corrupt.known]
+    done = 0  # images of `keep` already yielded
+    while done < len(keep):
+        todo = keep[done:]
+        pipe = build_pipeline([files[i] for i in todo], labels[todo], transform, batch_size=batch_size,
+                              device_id=_device_id(device), num_threads=num_threads)
+        try:
+            for start in range(0, len(todo), batch_size):
+                images, y = pipe.run()
+                x, y = to_torch(images, y, device)
+                n = min(batch_size, len(todo) - start)  # the reader pads the last batch by repetition
+                done += n
+                yield x[:n], y[:n]
+        except Exception as e:
+            if isinstance(e, (GeneratorExit, CorruptImageError)):
+                raise
+            del pipe
+            candidates = [files[i] for i in keep[done:done + (1 + PREFETCH) * batch_size]]
+            found = find_undecodable(candidates)
+            corrupt.report(found, candidates, e)
+            bad = set(found)
+            keep = keep[:done] + [i for i in keep[done:] if files[i] not in bad]
