@@ -38,7 +38,7 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
                                num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir)
     from pipelines.memory import InMemoryData
-    from pipelines.sources import ARRAY_READERS
+    from pipelines.sources import ARRAY_READERS, DataMissingError
 
     if cfg.name not in ARRAY_READERS:
         raise NotImplementedError(f"data.name={cfg.name!r} has no pipeline yet")
@@ -46,7 +46,12 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
         from pipelines.download import download
 
         download(cfg.name, cfg.root)
-    arrays = ARRAY_READERS[cfg.name](cfg.root)
+    try:
+        arrays = ARRAY_READERS[cfg.name](cfg.root)
+    except DataMissingError as e:
+        if cfg.name == "digits":
+            raise
+        raise DataMissingError(f"{e}. With network access, data.download=true fetches it into data.root.") from None
     split = _split_for_run(cfg, arrays.train_labels, arrays.num_classes, seed, rank, run_dir)
     return InMemoryData(arrays, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                         eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)

@@ -68,6 +68,17 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
 
 
+def _cifar_labels(batch: dict, key: bytes, count: int, path: Path, num_classes: int) -> np.ndarray:
+    labels = batch.get(key)
+    if labels is None or len(labels) != count:
+        raise ValueError(f"{path} has no {key.decode()!r} list of {count} labels; is it the right CIFAR pickle "
+                         f"(CIFAR-10 has 'labels', CIFAR-100 'fine_labels')?")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{path} has labels outside 0..{num_classes - 1}; is it the right CIFAR pickle?")
+    return labels
+
+
 def load_cifar10_arrays(root: Optional[str]) -> ArrayDataset:
     layout = "cifar-10-batches-py/ (data_batch_1..5, test_batch), as unpacked from cifar-10-python.tar.gz"
     base = _need_root("cifar10", root, layout)
@@ -77,10 +88,11 @@ def load_cifar10_arrays(root: Optional[str]) -> ArrayDataset:
         test = _unpickle(folder / "test_batch")
     except DataMissingError as e:
         raise DataMissingError(f"{e}; data.root should hold {layout}") from None
-    x_train = np.concatenate([_cifar_images(b, folder) for b in train])
-    y_train = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in train])
-    return ArrayDataset("cifar10", x_train, y_train, _cifar_images(test, folder),
-                        np.asarray(test[b"labels"], dtype=np.int64), 10, flip=True, pad=4)
+    names = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+    images = [_cifar_images(b, p) for b, p in zip(train + [test], names)]
+    labels = [_cifar_labels(b, b"labels", len(x), p, 10) for b, x, p in zip(train + [test], images, names)]
+    return ArrayDataset("cifar10", np.concatenate(images[:5]), np.concatenate(labels[:5]), images[5], labels[5],
+                        10, flip=True, pad=4)
 
 
 def load_cifar100_arrays(root: Optional[str]) -> ArrayDataset:
@@ -91,8 +103,9 @@ def load_cifar100_arrays(root: Optional[str]) -> ArrayDataset:
         train, test = _unpickle(folder / "train"), _unpickle(folder / "test")
     except DataMissingError as e:
         raise DataMissingError(f"{e}; data.root should hold {layout}") from None
-    return ArrayDataset("cifar100", _cifar_images(train, folder), np.asarray(train[b"fine_labels"], dtype=np.int64),
-                        _cifar_images(test, folder), np.asarray(test[b"fine_labels"], dtype=np.int64),
+    x_train, x_test = _cifar_images(train, folder / "train"), _cifar_images(test, folder / "test")
+    return ArrayDataset("cifar100", x_train, _cifar_labels(train, b"fine_labels", len(x_train), folder / "train", 100),
+                        x_test, _cifar_labels(test, b"fine_labels", len(x_test), folder / "test", 100),
                         100, flip=True, pad=4)
 
 
@@ -107,9 +120,12 @@ def _svhn_mat(path: Path):
     except Exception as e:
         raise ValueError(f"{path} is not a readable MATLAB file ({e}); download it again") from e
     x, y = mat.get("X"), mat.get("y")
-    if x is None or y is None or x.shape[:3] != (32, 32, 3):
+    if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
         raise ValueError(f"{path} lacks X (32, 32, 3, N) and y (N, 1); is it an SVHN *_32x32.mat file?")
-    labels = y.reshape(-1).astype(np.int64) % 10  # SVHN writes the digit 0 as label 10
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.min() < 1 or labels.max() > 10:
+        raise ValueError(f"{path} has labels outside 1..10; SVHN writes the digits 1-9 as 1-9 and 0 as 10")
+    labels %= 10  # SVHN writes the digit 0 as label 10
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2), dtype=np.uint8), labels
 
 

@@ -1,0 +1,172 @@
+"""The DALI ImageNet-folder pipeline on the CPU (device_id=None): what comes out, per-rank shards,
+exact resume, and what a broken JPEG does."""
+import numpy as np
+import pytest
+import torch
+
+from fake_datasets import break_jpeg, write_image_folders
+from pipelines import DataConfig, build_data
+from pipelines.dali import MEAN, STD, CorruptImageError, Transform, augmentation_numbers
+from pipelines.folders import load_image_folders
+
+pytest.importorskip("nvidia.dali")
+
+NUM_CLASSES = 3
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return write_image_folders(tmp_path_factory.mktemp("imagenet"), num_classes=NUM_CLASSES, per_class_train=8,
+                               per_class_val=3)
+
+
+def config(root, **overrides) -> DataConfig:
+    base = dict(name="imagenet", root=str(root), labels=0.25, batch_size=4, eval_batch_size=4, image_size=SIZE,
+                resize_size=20, workers=1)
+    return DataConfig(**{**base, **overrides})
+
+
+def grey_level(x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean pixel value in 0..255, undoing the normalisation."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return ((x * std + mean) * 255).mean(dim=(1, 2, 3))
+
+
+def expected_grey(labels: torch.Tensor) -> torch.Tensor:
+    return 40 + 180 * labels.float() / (NUM_CLASSES - 1)  # as fake_datasets.class_images paints them
+
+
+@pytest.mark.parametrize("augment", ["paper", "authors"])
+def test_training_batches_have_the_right_shape_type_range_and_labels(folders, augment):
+    data = build_data(config(folders, augment=augment), seed=0, device="cpu")
+    assert (data.num_classes, data.in_channels) == (NUM_CLASSES, 3)
+    for _ in range(3):
+        x_l, y_l, x_u = next(data.train)
+        for x in (x_l, x_u):
+            assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            pixels = (x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
+            assert pixels.min() > -1 and pixels.max() < 256  # normalised 0..255 images, nothing else
+        assert y_l.dtype == torch.int64 and set(y_l.tolist()) <= set(range(NUM_CLASSES))
+        assert torch.allclose(grey_level(x_l), expected_grey(y_l), atol=12)  # each label is its image's class
+
+
+def test_evaluation_sees_every_validation_image_once_centre_cropped(folders):
+    data = build_data(config(folders, eval_batch_size=4), seed=0, device="cpu")
+    batches = list(data.eval_batches("test"))
+    labels = torch.cat([y for _, y in batches])
+    assert [len(y) for _, y in batches] == [4, 4, 1]  # 9 images, the padded last batch trimmed
+    assert sorted(labels.tolist()) == sorted(load_image_folders(str(folders)).test_labels.tolist())
+    images = torch.cat([x for x, _ in batches])
+    assert torch.allclose(grey_level(images), expected_grey(labels), atol=12)
+    again = torch.cat([x for x, _ in data.eval_batches("test")])
+    assert torch.equal(images, again)  # no randomness in evaluation
+
+
+def test_the_random_numbers_of_the_augmentation_move_the_crop_and_flip(folders):
+    files = load_image_folders(str(folders))
+    from pipelines.dali import build_pipeline, to_torch
+
+    one = [files.train_files[0]] * 4
+    numbers = np.array([[0.5, 0.5, 0.0, 0.0, 0.9], [0.5, 0.5, 0.0, 0.0, 0.1],
+                        [0.5, 0.5, 1.0, 1.0, 0.9], [0.5, 0.5, 0.0, 0.0, 0.9]], dtype=np.float32)
+    pipe = build_pipeline(one, [0] * 4, Transform("paper", SIZE, 20), batch_size=4, numbers=lambda it: numbers,
+                          num_threads=1)
+    x, _ = to_torch(*pipe.run(), torch.device("cpu"))
+    assert torch.equal(x[0], x[3])  # same numbers, same image
+    assert torch.equal(x[1], x[0].flip(-1))  # the flip draw mirrors the same crop
+    assert not torch.equal(x[2], x[0])  # the other corner
+
+
+def test_two_ranks_get_disjoint_halves_of_each_global_batch(folders):
+    cfg = config(folders, batch_size=8, unlabeled="all")
+    whole = build_data(cfg, seed=3, device="cpu")
+    ranks = [build_data(cfg, seed=3, device="cpu", rank=r, world_size=2) for r in range(2)]
+    for step in range(5):  # 24 unlabeled images, 8 a step: crosses an epoch
+        expected = whole.train.unlabeled.index.batch_indices(step, 0)
+        got = [r.train.unlabeled.index.batch_indices(step, r.rank) for r in ranks]
+        assert not set(got[0].tolist()) & set(got[1].tolist())
+        assert torch.equal(torch.cat(got), expected)
+        _, y, _ = next(whole.train)
+        _, y0, u0 = next(ranks[0].train)
+        _, y1, u1 = next(ranks[1].train)
+        assert u0.shape[0] == u1.shape[0] == 4
+        assert torch.equal(torch.cat([y0, y1]), y)  # the reader's shard_id slice is the rank's share
+    # the images themselves: rank r's file list is its share of the same global order
+    assert ranks[0].train.unlabeled._chunk_files != ranks[1].train.unlabeled._chunk_files
+    evals = [torch.cat([y for _, y in r.eval_batches("test")]) for r in ranks]
+    assert len(evals[0]) + len(evals[1]) == 9
+
+
+def test_a_restored_stream_continues_with_the_same_images_and_crops(folders):
+    cfg = config(folders, augment="authors")
+    reference = build_data(cfg, seed=1, device="cpu")
+    reference.train.labeled.chunk_batches = reference.train.unlabeled.chunk_batches = 3  # rebuild across chunks
+    batches = [next(reference.train) for _ in range(7)]
+
+    first = build_data(cfg, seed=1, device="cpu")
+    for _ in range(4):
+        next(first.train)
+    state = first.train.state_dict()
+    resumed = build_data(cfg, seed=1, device="cpu")
+    resumed.train.load_state_dict(state)
+    for expected in batches[4:]:
+        got = next(resumed.train)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    assert resumed.train.unlabeled_epoch == pytest.approx(7 * 4 / resumed.unlabeled_size)
+
+
+def test_augmentation_numbers_depend_only_on_their_key():
+    a = augmentation_numbers(0, 2, 1, 17, 4, 5)
+    assert np.array_equal(a, augmentation_numbers(0, 2, 1, 17, 4, 5))
+    assert not np.array_equal(a, augmentation_numbers(0, 2, 0, 17, 4, 5))  # ranks draw differently
+    assert not np.array_equal(a, augmentation_numbers(0, 2, 1, 18, 4, 5))
+    assert a.min() >= 0 and a.max() < 1
+
+
+def test_a_broken_jpeg_is_skipped_by_name_and_noted_in_the_run_folder(tmp_path):
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=2)
+    broken = break_jpeg(root / "train" / "n00000001" / "n00000001_2.JPEG")
+    cfg = config(root, labels=0.5, batch_size=2, unlabeled="all", on_corrupt="skip")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = build_data(cfg, seed=0, device="cpu", run_dir=run_dir)
+    with pytest.warns(RuntimeWarning, match="n00000001_2.JPEG"):
+        seen = [next(data.train) for _ in range(8)]  # two passes over the 8 unlabeled images
+    assert all(x_u.shape == (2, 3, SIZE, SIZE) and torch.isfinite(x_u).all() for _, _, x_u in seen)
+    assert (run_dir / "corrupt_files.txt").read_text().split() == [str(broken)]
+    state = data.train.state_dict()
+    assert len(state["unlabeled"]["skipped"]) == 1  # a resumed run substitutes the same file
+
+
+def test_a_broken_jpeg_stops_the_run_with_its_name_when_asked(tmp_path):
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=2)
+    broken = break_jpeg(root / "val" / "n00000000" / "n00000000_1.JPEG")
+    data = build_data(config(root, labels=0.5, on_corrupt="error"), seed=0, device="cpu")
+    with pytest.raises(CorruptImageError, match=str(broken).replace(".", r"\.")):
+        list(data.eval_batches("test"))
+
+
+def test_evaluation_skips_a_broken_jpeg_and_counts_the_rest(tmp_path):
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=3)
+    break_jpeg(root / "val" / "n00000001" / "n00000001_0.JPEG")
+    data = build_data(config(root, labels=0.5, eval_batch_size=2), seed=0, device="cpu")
+    with pytest.warns(RuntimeWarning, match="n00000001_0.JPEG"):
+        labels = torch.cat([y for _, y in data.eval_batches("test")])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1]
+
+
+def test_image_folder_errors_name_the_path_and_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        load_image_folders(str(tmp_path))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "loose.JPEG").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="loose.JPEG"):
+        load_image_folders(str(tmp_path))
+    root = write_image_folders(tmp_path / "ok", num_classes=2, per_class_train=2, per_class_val=1)
+    (root / "val" / "n99999999").mkdir()
+    with pytest.raises(ValueError, match="n99999999"):
+        load_image_folders(str(root))
