@@ -5,7 +5,9 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.config import DATASETS, DataConfig
-from pipelines.splits import LabelSplit, balanced_split, load_split
+import numpy as np
+
+from pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts
 
 SPLIT_FILE = "labeled_split.json"
 
@@ -14,11 +16,15 @@ def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, run_dir:
     """The labeled split of a run: the file named by data.split_file, else the one this run saved
     before (a resume), else a new one drawn from the seed. Every rank computes the same split."""
     saved = Path(run_dir) / SPLIT_FILE if run_dir is not None else None
-    if cfg.split_file:
-        return load_split(cfg.split_file, cfg.name, labels)
-    if saved is not None and saved.is_file():
-        return load_split(saved, cfg.name, labels)
-    return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name)
+    source = cfg.split_file or (saved if saved is not None and saved.is_file() else None)
+    if source is None:
+        return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name)
+    split = load_split(source, cfg.name, labels)
+    wanted = int(per_class_counts(np.asarray(labels, dtype=np.int64), num_classes, cfg.labels).sum())
+    if len(split.labeled) != wanted:
+        raise ValueError(f"{source} holds {len(split.labeled)} labeled images but data.labels={cfg.labels} asks for "
+                         f"{wanted}; set data.labels to match the file, or drop data.split_file to draw a new split")
+    return split
 
 
 def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size: int = 1,
@@ -60,6 +66,9 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
 def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, rank: int,
                    run_dir: Optional[Path]) -> LabelSplit:
     split = resolve_split(cfg, labels, num_classes, seed, run_dir)
+    if cfg.unlabeled == "disjoint" and len(split.labeled) == split.train_size:
+        raise ValueError(f"data.labels={cfg.labels} labels all {split.train_size} training images, so the disjoint "
+                         "unlabeled set is empty; ask for fewer labels, or set data.unlabeled=all")
     if run_dir is not None and rank == 0:
         split.save(Path(run_dir) / SPLIT_FILE)
     return split

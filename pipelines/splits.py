@@ -60,7 +60,10 @@ def balanced_split(labels: np.ndarray, num_classes: int, request: Union[int, flo
     labels = np.asarray(labels, dtype=np.int64)
     counts = per_class_counts(labels, num_classes, request)
     rng = np.random.default_rng(seed)
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=counts[c], replace=False) for c in range(num_classes)]
+    by_class = np.argsort(labels, kind="stable")  # indices grouped by class, ascending within each
+    ends = np.cumsum(np.bincount(labels, minlength=num_classes))
+    chosen = [rng.choice(by_class[end - n:end], size=counts[c], replace=False)
+              for c, (end, n) in enumerate(zip(ends, np.bincount(labels, minlength=num_classes)))]
     return LabelSplit(dataset, len(labels), seed, np.sort(np.concatenate(chosen)).astype(np.int64))
 
 
