@@ -211,20 +211,27 @@ class FileStream:
         self.skipped: set[int] = set()  # positions in `members` whose file is undecodable
         self._pipe, self._chunk_start, self._chunk_files = None, 0, []
 
-    def _file_position(self, pos: int) -> int:
-        """`pos`, or the next position whose file decodes (the stand-in for a skipped file)."""
-        for step in range(len(self.members)):
-            candidate = (pos + step) % len(self.members)
-            if candidate not in self.skipped:
-                return candidate
-        raise CorruptImageError("every image of this set is undecodable; check data.root")
+    def _stand_ins(self) -> np.ndarray:
+        """Position -> the position actually read: itself, or for an undecodable file the next good one."""
+        n = len(self.members)
+        table = np.arange(n, dtype=np.int64)
+        if len(self.skipped) == n:
+            raise CorruptImageError("every image of this set is undecodable; check data.root")
+        for pos in self.skipped:
+            step = 1
+            while (pos + step) % n in self.skipped:
+                step += 1
+            table[pos] = (pos + step) % n
+        return table
 
     def _build(self) -> None:
         start = self.index.batches_done
-        positions = [self._file_position(int(p)) for r in range(self.world_size)
-                     for b in range(start, start + self.chunk_batches) for p in self.index.batch_indices(b, r)]
-        files = [self.files[self.members[p]] for p in positions]
-        labels = self.labels[self.members[positions]]
+        batches = range(start, start + self.chunk_batches)
+        order = torch.cat([self.index.batch_indices(b, r) for r in range(self.world_size) for b in batches])
+        positions = self._stand_ins()[order.numpy()]  # rank-major: rank r's share is the r-th contiguous slice
+        chosen = self.members[positions]
+        files = [self.files[i] for i in chosen]
+        labels = self.labels[chosen]
         n = self.transform.random_numbers
         numbers = (lambda it: augmentation_numbers(self.seed, self.stream_id, self.rank, start + it, self.local, n))
         self._pipe = None  # free the old pipeline's threads and buffers first

@@ -139,7 +139,12 @@ def test_a_broken_jpeg_is_skipped_by_name_and_noted_in_the_run_folder(tmp_path):
     assert all(x_u.shape == (2, 3, SIZE, SIZE) and torch.isfinite(x_u).all() for _, _, x_u in seen)
     assert (run_dir / "corrupt_files.txt").read_text().split() == [str(broken)]
     state = data.train.state_dict()
-    assert len(state["unlabeled"]["skipped"]) == 1  # a resumed run substitutes the same file
+    assert len(state["unlabeled"]["skipped"]) == 1
+    resumed = build_data(cfg, seed=0, device="cpu")  # substitutes the same file without meeting it again
+    resumed.train.load_state_dict(state)
+    for _ in range(4):
+        for got, want in zip(next(resumed.train), next(data.train)):
+            assert torch.equal(got, want)
 
 
 def test_a_broken_jpeg_stops_the_run_with_its_name_when_asked(tmp_path):
