@@ -8,20 +8,25 @@ import torch.nn.functional as F
 
 def random_crop_flip(images: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
     """uint8 (B, H, W, C) -> uint8 (B, H, W, C): each image shifted by up to `pad` pixels (zero fill)
-    and mirrored with probability 1/2 when `flip`."""
-    b, h, w, _ = images.shape
+    and mirrored with probability 1/2 when `flip`. Both are one gather of whole pixels from the padded
+    batch, which is several times faster than a three-tensor advanced index or a flip-then-select."""
+    b, h, w, c = images.shape
     dev = images.device
+    if not pad and not flip:
+        return images
+    hp, wp = h + 2 * pad, w + 2 * pad
+    dy = dx = torch.zeros(b, 1, 1, dtype=torch.long, device=dev)
     if pad:
-        padded = F.pad(images, (0, 0, pad, pad, pad, pad))  # (B, H+2p, W+2p, C)
+        images = F.pad(images, (0, 0, pad, pad, pad, pad))  # (B, H+2p, W+2p, C)
         dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=dev, generator=gen)
         dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=dev, generator=gen)
-        rows = dy + torch.arange(h, device=dev).view(1, h, 1)  # (B, H, 1)
-        cols = dx + torch.arange(w, device=dev).view(1, 1, w)  # (B, 1, W)
-        images = padded[torch.arange(b, device=dev).view(b, 1, 1), rows, cols]  # (B, H, W, C)
+    cols = torch.arange(w, device=dev).view(1, 1, w).expand(b, 1, w)  # (B, 1, W)
     if flip:
         mirror = torch.rand(b, device=dev, generator=gen) < 0.5
-        images = torch.where(mirror.view(b, 1, 1, 1), images.flip(2), images)
-    return images
+        cols = torch.where(mirror.view(b, 1, 1), w - 1 - cols, cols)
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    pixel = (torch.arange(b, device=dev).view(b, 1, 1) * hp + dy + rows) * wp + dx + cols  # (B, H, W)
+    return images.reshape(-1, c).index_select(0, pixel.reshape(-1)).view(b, h, w, c)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ class ImageFolderData:
         self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
         self.eval_batch = max(1, eval_batch // world_size)
         self.eval_transform = Transform("eval", image_size, resize_size)
-        self.corrupt = CorruptFiles(on_corrupt, run_dir if rank == 0 else None)
+        self.corrupt = CorruptFiles(on_corrupt, run_dir)  # every rank appends what it finds
         unlabeled = split.unlabeled(include_labeled)
         self.unlabeled_size = len(unlabeled)
         train = Transform(augment, image_size, resize_size)
