@@ -129,10 +129,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DALI CPU threads")
     p.add_argument("--model-memory", default="convlarge", help="network consuming in-memory batches ('' = none)")
     p.add_argument("--model-dali", default="resnet18", help="network consuming DALI batches ('' = none)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     results = []
