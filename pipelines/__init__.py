@@ -4,9 +4,9 @@
 from pathlib import Path
 from typing import Optional
 
-from pipelines.config import DATASETS, DataConfig
 import numpy as np
 
+from pipelines.config import DATASETS, DataConfig
 from pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts
 
 SPLIT_FILE = "labeled_split.json"
@@ -29,7 +29,11 @@ def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, run_dir:
 
 def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size: int = 1,
                run_dir: Optional[Path] = None):
-    """The data of one run on one rank. Rank 0 saves the labeled split into `run_dir`."""
+    """The data of one run on one rank. Rank 0 saves the labeled split into `run_dir`.
+
+    The result has `.train` (endless (x_l, y_l, x_u) with state_dict/load_state_dict and
+    unlabeled_epoch), `.eval_batches(subset)`, `.num_classes`, `.in_channels`, `.unlabeled_size`
+    and `.split`, whichever pipeline serves the data set."""
     if cfg.batch_size % world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch and must be divisible by the "
                          f"{world_size} processes; pick a multiple of {world_size}")
@@ -72,5 +76,6 @@ def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, rank: i
     if run_dir is not None and rank == 0:
         split.save(Path(run_dir) / SPLIT_FILE)
     return split
+
 
 __all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "resolve_split", "SPLIT_FILE"]
