@@ -57,7 +57,11 @@ class Transform:
 
     @property
     def random_numbers(self) -> int:
-        return 0 if self.kind == "eval" else 5  # area, log-aspect, x, y, flip
+        """Uniforms per sample: flip, x, y, and for `authors` an area and an aspect per candidate crop."""
+        return {"eval": 0, "paper": 3, "authors": 3 + 2 * CROP_TRIES}[self.kind]
+
+
+CROP_TRIES = 10  # candidate crops per image for `authors`, as torchvision's RandomResizedCrop tries
 
 
 def augmentation_numbers(seed: int, stream_id: int, rank: int, batch: int, size: int, count: int) -> np.ndarray:
@@ -65,25 +69,43 @@ def augmentation_numbers(seed: int, stream_id: int, rank: int, batch: int, size:
     return np.random.default_rng([seed, stream_id, rank, batch]).random((size, count), dtype=np.float32)
 
 
+def random_area_window(numbers, height, width):
+    """DALI graph: the crop of `authors` as (anchor, shape), fractions of the image, (x, y) order.
+
+    Candidate k covers 10-100% of the area with aspect (width/height) 0.8-1.25 drawn log-uniformly;
+    the first candidate that fits inside the image is taken, else the whole image. All candidates are
+    computed at once as vectors, and the first fit is picked with a score, a max and a one-hot sum."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    k = CROP_TRIES
+    area = 0.1 + 0.9 * numbers[3:3 + k]  # (K,)
+    aspect = dmath.exp(math.log(0.8) + (math.log(1.25) - math.log(0.8)) * numbers[3 + k:3 + 2 * k])
+    # (wf W)(hf H) = area W H and (wf W)/(hf H) = aspect
+    wf = dmath.sqrt(area * aspect * height / width)
+    hf = dmath.sqrt(area * width / (aspect * height))
+    fits = fn.cast((wf <= 1.0) & (hf <= 1.0), dtype=types.FLOAT)
+    score = fits * types.Constant(np.arange(k, 0, -1, dtype=np.float32))  # earlier candidates score higher
+    best = fn.reductions.max(score)
+    first = fn.cast((score == best) & (best > 0), dtype=types.FLOAT)  # one-hot of the first fit, or zeros
+    none = 1.0 - fn.cast(best > 0, dtype=types.FLOAT)
+    w_frac = fn.reductions.sum(first * wf) + none
+    h_frac = fn.reductions.sum(first * hf) + none
+    return fn.stack((1.0 - w_frac) * numbers[1], (1.0 - h_frac) * numbers[2]), fn.stack(w_frac, h_frac)
+
+
 def _graph(jpegs, labels, transform: Transform, decode_device: str, numbers):
     """The DALI operators after the reader; `numbers` is a DataNode of per-sample uniforms or None."""
     from nvidia.dali import fn, types
-    import nvidia.dali.math as dmath
 
     mean = [255.0 * m for m in MEAN]
     std = [255.0 * s for s in STD]
     size = transform.image_size
     if transform.kind == "authors":
         shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C), read from the header
-        h, w = shape[0], shape[1]
-        area = 0.1 + 0.9 * numbers[0]
-        aspect = dmath.exp(math.log(0.8) + (math.log(1.25) - math.log(0.8)) * numbers[1])  # w/h in pixels
-        # Fractions of width and height: (wf W)(hf H) = area W H and (wf W)/(hf H) = aspect; clamped to the image.
-        wf = dmath.min(dmath.sqrt(area * aspect * h / w), 1.0)
-        hf = dmath.min(dmath.sqrt(area * w / (aspect * h)), 1.0)
-        anchor = fn.stack((1.0 - wf) * numbers[2], (1.0 - hf) * numbers[3])
-        images = fn.decoders.image_slice(jpegs, anchor, fn.stack(wf, hf), device=decode_device,
-                                         output_type=types.RGB, normalized_anchor=True, normalized_shape=True)
+        anchor, window = random_area_window(numbers, shape[0], shape[1])
+        images = fn.decoders.image_slice(jpegs, anchor, window, device=decode_device, output_type=types.RGB,
+                                         normalized_anchor=True, normalized_shape=True)
         images = fn.resize(images, resize_x=size, resize_y=size)
         crop = {}
     else:
@@ -91,9 +113,9 @@ def _graph(jpegs, labels, transform: Transform, decode_device: str, numbers):
         images = fn.resize(images, resize_shorter=transform.resize_size)
         crop = {"crop": (size, size)}
         if transform.kind == "paper":
-            crop.update(crop_pos_x=numbers[2], crop_pos_y=numbers[3])
+            crop.update(crop_pos_x=numbers[1], crop_pos_y=numbers[2])
     if transform.kind != "eval" and transform.flip:
-        crop["mirror"] = fn.cast(numbers[4] < 0.5, dtype=types.INT32)
+        crop["mirror"] = fn.cast(numbers[0] < 0.5, dtype=types.INT32)
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, **crop)
     return images, labels
 

@@ -6,7 +6,8 @@ import torch
 
 from fake_datasets import break_jpeg, write_image_folders
 from pipelines import DataConfig, build_data
-from pipelines.dali import MEAN, STD, CorruptImageError, Transform, augmentation_numbers
+from pipelines.dali import CROP_TRIES, MEAN, STD, CorruptImageError, Transform, augmentation_numbers, \
+    random_area_window
 from pipelines.folders import load_image_folders
 
 pytest.importorskip("nvidia.dali")
@@ -70,8 +71,8 @@ def test_the_random_numbers_of_the_augmentation_move_the_crop_and_flip(folders):
     from pipelines.dali import build_pipeline, to_torch
 
     one = [files.train_files[0]] * 4
-    numbers = np.array([[0.5, 0.5, 0.0, 0.0, 0.9], [0.5, 0.5, 0.0, 0.0, 0.1],
-                        [0.5, 0.5, 1.0, 1.0, 0.9], [0.5, 0.5, 0.0, 0.0, 0.9]], dtype=np.float32)
+    numbers = np.array([[0.9, 0.0, 0.0], [0.1, 0.0, 0.0], [0.9, 1.0, 1.0], [0.9, 0.0, 0.0]],
+                       dtype=np.float32)  # flip draw, x, y
     pipe = build_pipeline(one, [0] * 4, Transform("paper", SIZE, 20), batch_size=4, numbers=lambda it: numbers,
                           num_threads=1)
     x, _ = to_torch(*pipe.run(), torch.device("cpu"))
@@ -117,6 +118,42 @@ def test_a_restored_stream_continues_with_the_same_images_and_crops(folders):
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
     assert resumed.train.unlabeled_epoch == pytest.approx(7 * 4 / resumed.unlabeled_size)
+
+
+def reference_window(u: np.ndarray, height: float, width: float):
+    """The first of the candidate crops that fits, else the whole image, written plainly."""
+    k = CROP_TRIES
+    for area_u, aspect_u in zip(u[3:3 + k], u[3 + k:3 + 2 * k]):
+        area = 0.1 + 0.9 * area_u
+        aspect = np.exp(np.log(0.8) + (np.log(1.25) - np.log(0.8)) * aspect_u)
+        wf, hf = np.sqrt(area * aspect * height / width), np.sqrt(area * width / (aspect * height))
+        if wf <= 1 and hf <= 1:
+            return ((1 - wf) * u[1], (1 - hf) * u[2]), (wf, hf)
+    return (0.0, 0.0), (1.0, 1.0)
+
+
+def test_the_random_area_crop_takes_the_first_candidate_that_fits():
+    from nvidia.dali import fn, pipeline_def, types
+
+    rng = np.random.default_rng(0)
+    numbers = rng.random((64, 3 + 2 * CROP_TRIES), dtype=np.float32)
+    numbers[:8, 3:] = 0.999  # full area at an aspect that fits no image below: the whole-image fallback
+    sizes = np.stack([rng.integers(20, 400, 64), rng.integers(20, 400, 64)], 1).astype(np.float32)  # (H, W)
+
+    @pipeline_def
+    def windows():
+        u = fn.external_source(source=lambda: list(numbers), batch=True, dtype=types.FLOAT, ndim=1)
+        hw = fn.external_source(source=lambda: list(sizes), batch=True, dtype=types.FLOAT, ndim=1)
+        return random_area_window(u, hw[0], hw[1])
+
+    pipe = windows(batch_size=64, num_threads=1, device_id=None)
+    pipe.build()
+    anchors, shapes = (np.array(out.as_tensor()) for out in pipe.run())
+    for i in range(64):
+        anchor, shape = reference_window(numbers[i], *sizes[i])
+        assert np.allclose(anchors[i], anchor, atol=1e-5) and np.allclose(shapes[i], shape, atol=1e-5), i
+    assert np.allclose(shapes[:8], 1.0)
+    assert (shapes[8:] < 1).any(axis=1).mean() > 0.5  # mostly real crops: only elongated images fall back
 
 
 def test_augmentation_numbers_depend_only_on_their_key():
