@@ -137,6 +137,9 @@ def test_the_runs_table_lists_each_runs_errors(report, runs_root):
         assert float(row["Test error"]) == pytest.approx(100 * final[name]["test_error"], abs=0.006)
         assert float(row["Best test error"]) == pytest.approx(100 * final[name]["best_test_error"], abs=0.006)
         assert int(row["Labels"]) == final[name]["num_labels"] and int(row["Seed"]) == final[name]["seed"]
+    commands = section(report.path.read_text(), "## How the runs were made")
+    for name in RUNS:  # each run's training command, from its runs.jsonl
+        assert f"# {name}\n" in commands and f"--out {runs_root / name} " in commands
 
 
 def test_unfinished_runs_are_skipped_with_a_note(runs_root, tmp_path):

@@ -207,6 +207,10 @@ def build_report(paths: list, out: Path, metric: str = "test_error", command: st
                "Train them with `--set method.meta=false`, "
                "`--set method.mixup=false`, and `--set method.unlabeled=false method.meta=false "
                "method.mixup=false` for the baseline.", ""]
+    commands = [(r.name, c) for r in runs for c in r.commands]
+    if commands:
+        md += ["## How the runs were made", "", "From each run's runs.jsonl (one line per start or resume):", "",
+               "```"] + [line for name, c in commands for line in (f"# {name}", c)] + ["```", ""]
     report.path.write_text("\n".join(md))
     return report
 

@@ -35,6 +35,7 @@ class Run:
     final: dict
     config: dict = field(default_factory=dict)  # flattened: {"data.labels": 50, ...}; empty if config.yaml is absent
     evals: list = field(default_factory=list)  # metrics.jsonl rows of kind "eval", one per step, in step order
+    commands: list = field(default_factory=list)  # the command of each start or resume, from runs.jsonl
     name: str = ""  # a short name for legends and tables
 
     def get(self, key: str, default=None):
@@ -85,7 +86,7 @@ def is_run_dir(path: Path) -> bool:
 
 def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
     """(finished, unfinished) run folders at or below each path, each once, in a stable order."""
-    finished, unfinished = [], []
+    finished, unfinished, seen = [], [], set()
     for arg in paths:
         root = Path(arg)
         if not root.exists():
@@ -96,8 +97,9 @@ def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
         candidates += sorted(p for p in root.rglob("*") if p.is_dir() and ((p / FINAL).is_file() or is_run_dir(p))
                              and p.name != "checkpoints")
         for path in candidates:
-            if path in finished or path in unfinished:
+            if path.resolve() in seen:
                 continue
+            seen.add(path.resolve())
             (finished if (path / FINAL).is_file() else unfinished).append(path)
     return finished, unfinished
 
@@ -138,7 +140,20 @@ def load_run(run_dir: Path) -> Run:
         raise RunSelectionError(f"{run_dir / FINAL} is not valid JSON ({e}); rerun the run or remove the folder") from e
     if "test_error" not in final:
         raise RunSelectionError(f"{run_dir / FINAL} has no test_error; it was not written by `python -m train`")
-    return Run(run_dir, final, read_config(run_dir), read_evals(run_dir))
+    return Run(run_dir, final, read_config(run_dir), read_evals(run_dir), read_commands(run_dir))
+
+
+def read_commands(run_dir: Path) -> list[str]:
+    path = Path(run_dir) / "runs.jsonl"
+    if not path.is_file():
+        return []
+    commands = []
+    for line in path.read_text().splitlines():
+        try:
+            commands.append(json.loads(line)["command"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return commands
 
 
 def name_runs(runs: list[Run]) -> None:
