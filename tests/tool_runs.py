@@ -4,6 +4,7 @@ Under pytest-xdist every worker asks for the same runs: the first trains them in
 under pytest's temporary root while holding a file lock; the others wait, then read the folders."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 from filelock import FileLock
@@ -48,6 +49,7 @@ def shared_runs(tmp_path_factory) -> Path:
         if not done.is_file():
             for name, overrides in RUNS.items():
                 if not (root / name / "final.json").is_file():
+                    shutil.rmtree(root / name, ignore_errors=True)  # what a failed earlier attempt left
                     train_digits(root / name, overrides)
             done.write_text(json.dumps(sorted(RUNS)))
     return root

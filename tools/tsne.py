@@ -74,6 +74,8 @@ def main(argv=None) -> int:
                         "time grows faster than linearly with the points")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsampling and of t-SNE (default: 0)")
+    p.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG; a row is 16 x 4.1 "
+                   "inches (default: 100)")
     p.add_argument("--data-root", default=None, help="where the data set lies on this machine, if not where "
                    "it lay for training (data.root)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         return 2
     from tools.plots import save
 
-    save(fig, args.out)
+    save(fig, args.out, dpi=args.dpi)
     counts = ", ".join(f"{s} {len(rows[0][1][s][1])}" for s in SUBSETS)
     print(f"wrote {args.out} ({len(rows)} row{'s' if len(rows) > 1 else ''}; points per row: {counts})")
     return 0
