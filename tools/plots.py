@@ -29,7 +29,8 @@ def accuracy_curves(curves: list[tuple[str, list[dict]]], title: str = "") -> Fi
     """Figure 1: test accuracy (%) against training steps, one line per run; a second panel for
     top-5 accuracy when the runs logged it (data sets with more than 10 classes)."""
     has_top5 = any("top5_error" in row for _, rows in curves for row in rows)
-    fig = new_figure(11 if has_top5 else 6.5, 4)
+    legend_outside = len(curves) > 6
+    fig = new_figure((11 if has_top5 else 6.5) + (3 if legend_outside else 0), 4)
     keys = [("top1_error", "top-1")] + ([("top5_error", "top-5")] if has_top5 else [])
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     styles = ("-", "--", ":", "-.")  # past ten runs the colours repeat: the line style tells them apart
@@ -43,7 +44,7 @@ def accuracy_curves(curves: list[tuple[str, list[dict]]], title: str = "") -> Fi
         ax.set_xlabel("training step")
         ax.set_ylabel(f"test {label} accuracy (%)")
         ax.grid(alpha=0.3)
-    if len(curves) > 6:
+    if legend_outside:
         axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), ncols=1 + len(curves) // 25)
     else:
         axes[0].legend(fontsize="small", loc="best")
