@@ -92,10 +92,11 @@ def tsne_panels(rows: list[tuple[str, dict]], num_classes: int) -> Figure:
             ax.scatter(points[:, 0], points[:, 1], c=cmap(labels % cmap.N), s=6, linewidths=0)
             ax.set_title(f"{subset} ({len(labels)})")
         together = axes[3]
-        for subset in ("test", "unlabeled", "labeled"):  # labeled last: the fewest points, drawn on top
+        # The largest set first, the labeled points (the fewest) last and larger, so that none hides the rest.
+        for subset in sorted(SUBSET_COLOURS, key=lambda name: -len(subsets[name][1])):
             points, _ = subsets[subset]
             together.scatter(points[:, 0], points[:, 1], c=SUBSET_COLOURS[subset], s=14 if subset == "labeled" else 6,
-                             linewidths=0, label=subset, alpha=0.7)
+                             linewidths=0, label=subset, alpha=0.6)
         together.set_title("all three")
         together.legend(fontsize="small", markerscale=2)
         axes[0].set_ylabel(title)

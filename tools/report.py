@@ -218,11 +218,11 @@ def build_report(paths: list, out: Path, metric: str = "test_error", command: st
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  python -m tools.report runs/ --out report\n")
+                                epilog="example:\n  python -m tools.report runs/ --out runs/report\n")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run folders, or folders searched for run folders (those holding final.json)")
-    p.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md and its figures "
-                   "(default: report)")
+    p.add_argument("--out", type=Path, default=Path("runs/report"), help="folder for report.md and its "
+                   "figures (default: runs/report)")
     p.add_argument("--metric", default="test_error", choices=tuple(METRICS),
                    help="which error of final.json the tables and Figure 2 use (default: test_error)")
     args = p.parse_args(argv)

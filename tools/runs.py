@@ -3,6 +3,7 @@
 A run folder holds final.json (written last, so its presence means the run finished), metrics.jsonl,
 config.yaml, runs.jsonl, labeled_split.json and checkpoints/last.pt."""
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,13 @@ def select_runs(paths: Iterable, warn=print) -> tuple[list[Run], list[Path]]:
                                 "train one with `python -m train digits --out runs/digits`")
     runs = [load_run(p) for p in finished]
     name_runs(runs)
+    runs.sort(key=lambda run: natural_key(run.name))
     return runs, unfinished
+
+
+def natural_key(text: str) -> list:
+    """Sorts labels20 before labels100 and seed2 before seed10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 def experiment_key(run: Run, also_ignore: tuple = ()) -> tuple:

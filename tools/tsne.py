@@ -64,11 +64,12 @@ def tsne_figure(paths: list, *, max_points: int = 1000, data_root: Optional[str]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.tsne", description=__doc__.split("\n\n")[1],
-                                epilog="example:\n  python -m tools.tsne runs/baseline runs/full --out tsne.png",
+                                epilog="example:\n  python -m tools.tsne runs/baseline runs/full --out runs/tsne.png",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT_OR_RUN_DIR",
                    help="checkpoint files, or run folders (their checkpoints/last.pt); one figure row each")
-    p.add_argument("--out", type=Path, default=Path("tsne.png"), help="the PNG to write (default: tsne.png)")
+    p.add_argument("--out", type=Path, default=Path("runs/tsne.png"),
+                   help="the PNG to write (default: runs/tsne.png)")
     p.add_argument("--max-points", type=int, default=1000,
                    help="at most this many images of each subset, drawn at random (default: 1000); t-SNE "
                         "time grows faster than linearly with the points")
