@@ -1,5 +1,6 @@
 """tools.evaluate on the checkpoints of real short digits runs."""
 import json
+import shutil
 
 import pytest
 
@@ -39,3 +40,13 @@ def test_a_folder_without_a_checkpoint_is_an_error_that_names_it(tmp_path, capsy
     assert main([str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "checkpoints/last.pt" in err
+
+
+def test_a_checkpoint_moved_out_of_its_run_folder_still_evaluates(runs_root, tmp_path):
+    run = runs_root / "labels50/full-s1"
+    moved = tmp_path / "kept.pt"
+    shutil.copy(run / "checkpoints" / "last.pt", moved)
+    notes = []
+    result = evaluate_checkpoint(moved, device="cpu", warn=notes.append)
+    assert any("labeled_split.json" in n and "seed 1" in n for n in notes)
+    assert result["top1_error"] == pytest.approx(json.loads((run / "final.json").read_text())["test_error"], abs=1e-12)

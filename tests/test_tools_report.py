@@ -197,3 +197,19 @@ def test_a_top5_panel_appears_when_runs_logged_top5():
     fig = plots.accuracy_curves([("a", rows), ("b", rows)])
     assert len(fig.axes) == 2
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([80.0, 80.0])
+
+
+def test_runs_without_config_yaml_are_grouped_by_final_json(runs_root, tmp_path):
+    final = finals(runs_root)
+    for name in ("labels50/meta-s0", "labels50/full-s0", "labels50/full-s1", "labels100/full-s0"):
+        shutil.copytree(runs_root / name, tmp_path / "runs" / name)
+        (tmp_path / "runs" / name / "config.yaml").unlink()
+    report = build_report([tmp_path / "runs"], tmp_path / "out", warn=lambda text: None)
+    (table,) = report.tables
+    assert "50 labels" in table.title
+    cells = {(meta, mixup): cell for _, meta, mixup, cell, _ in table.rows}
+    assert sorted(cells) == [(True, False), (True, True)]
+    assert cells[(True, True)].values == [final[f"labels50/full-s{s}"]["test_error"] for s in (0, 1)]
+    ((_, lines),) = report.labels_panels  # the full method was trained with 50 and 100 labels
+    assert sorted(lines) == ["meta + mixup"] and [n for n, _ in lines["meta + mixup"]] == [50, 100]
+    assert "error_vs_labels" in report.figures

@@ -26,6 +26,12 @@ NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
 
 
+# The keys of final.json that name an experiment, and the config keys they come from.
+FINAL_TO_CONFIG = {"dataset": "data.name", "model": "model.name", "num_labels": "data.labels",
+                   "steps": "train.steps", "estimator": "method.estimator", "unlabeled": "method.unlabeled",
+                   "meta": "method.meta", "mixup": "method.mixup"}
+
+
 class RunSelectionError(ValueError):
     pass
 
@@ -198,9 +204,7 @@ def experiment_key(run: Run, also_ignore: tuple = ()) -> tuple:
     ignore = NOT_THE_EXPERIMENT + tuple(also_ignore)
     if run.config:
         return tuple(sorted((k, repr(v)) for k, v in run.config.items() if k not in ignore))
-    keys = ("dataset", "model", "num_labels", "steps", "world_size", "estimator", *VARIANT_KEYS)
-    return tuple((k, repr(run.final.get(k))) for k in keys if f"method.{k}" not in ignore and k not in ignore
-                 and not (k == "num_labels" and "data.labels" in ignore))
+    return tuple((key, repr(run.final.get(name))) for name, key in FINAL_TO_CONFIG.items() if key not in ignore)
 
 
 def differing_keys(keys: list[tuple]) -> list[str]:
