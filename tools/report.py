@@ -61,13 +61,17 @@ def metric_of(run: Run, metric: str):
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _setting_title(run: Run, extra: list[str]) -> str:
-    parts = [str(run.get("dataset", run.config.get("data.name", "?"))), str(run.get("model", "?"))]
-    if "num_labels" in run.final:
+def _title(run: Run, key: tuple, extra: list[str], labels: bool = True) -> str:
+    """'digits · digits_cnn · 50 labels · 400 steps', then the keys in which this experiment differs
+    from the others of the report (`extra`), with its values."""
+    parts = [str(run.get("dataset", "?")), str(run.get("model", "?"))]
+    if labels and "num_labels" in run.final:
         parts.append(f"{run.final['num_labels']} labels")
     if "steps" in run.final:
         parts.append(f"{run.final['steps']} steps")
-    parts += [f"{k}={run.config.get(k, '<absent>')}" for k in extra if k not in ("data.labels", "train.steps")]
+    values = dict(key)
+    shown = ("data.name", "model.name", "data.labels", "train.steps")
+    parts += [f"{k}={values.get(k, '<absent>').strip(chr(39))}" for k in extra if k not in shown]
     return " · ".join(parts)
 
 
@@ -84,7 +88,7 @@ def ablation_tables(runs: list[Run], metric: str, warn=print) -> list[AblationTa
     groups = _group(runs, VARIANT_KEYS)
     extra = differing_keys(list(groups))
     tables = []
-    for members in groups.values():
+    for key, members in groups.items():
         by_variant = defaultdict(list)
         for run in members:
             by_variant[(run.unlabeled, run.meta, run.mixup)].append(run)
@@ -99,7 +103,7 @@ def ablation_tables(runs: list[Run], metric: str, warn=print) -> list[AblationTa
             if with_value:
                 rows.append((*variant, Cell([metric_of(r, metric) for r in with_value]), with_value))
         if len(rows) >= 2:
-            tables.append(AblationTable(_setting_title(members[0], extra), rows))
+            tables.append(AblationTable(_title(members[0], key, extra), rows))
     return tables
 
 
@@ -109,7 +113,7 @@ def labels_panels(runs: list[Run], metric: str) -> list[tuple[str, dict]]:
     groups = _group(runs, VARIANT_KEYS + ("data.labels",))
     extra = differing_keys(list(groups))
     panels = []
-    for members in groups.values():
+    for key, members in groups.items():
         cells = defaultdict(lambda: defaultdict(list))
         for run in members:
             value = metric_of(run, metric)
@@ -120,10 +124,7 @@ def labels_panels(runs: list[Run], metric: str) -> list[tuple[str, dict]]:
                  if len(by_n) >= 2}
         if not lines:
             continue
-        first = members[0]
-        title = " · ".join([str(first.get("dataset", "?")), str(first.get("model", "?"))] +
-                           [f"{k}={first.config.get(k, '<absent>')}" for k in extra])
-        panels.append((title, lines))
+        panels.append((_title(members[0], key, extra, labels=False), lines))
     return panels
 
 
