@@ -213,3 +213,19 @@ def test_runs_without_config_yaml_are_grouped_by_final_json(runs_root, tmp_path)
     ((_, lines),) = report.labels_panels  # the full method was trained with 50 and 100 labels
     assert sorted(lines) == ["meta + mixup"] and [n for n, _ in lines["meta + mixup"]] == [50, 100]
     assert "error_vs_labels" in report.figures
+
+
+def test_runs_of_different_settings_are_not_averaged_together(runs_root, tmp_path):
+    import yaml
+
+    for name in ("full-s0", "mixup-s0", "meta-s0", "plain-s0"):
+        shutil.copytree(runs_root / "labels50" / name, tmp_path / "runs" / name)
+    for name in ("full-s0", "mixup-s0"):  # as if trained with --set optim.lr=0.05
+        path = tmp_path / "runs" / name / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["optim"]["lr"] = 0.05
+        path.write_text(yaml.safe_dump(config))
+    report = build_report([tmp_path / "runs"], tmp_path / "out", warn=lambda text: None)
+    assert sorted(t.title.split(" · ")[-1] for t in report.tables) == ["optim.lr=0.05", "optim.lr=0.1"]
+    for table in report.tables:
+        assert all(len(cell.values) == 1 for *_, cell, _ in table.rows)
