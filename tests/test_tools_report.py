@@ -1,0 +1,231 @@
+"""tools.report on real short digits runs: the figures and tables hold what the run folders hold."""
+import json
+import re
+import shutil
+import statistics
+
+import pytest
+from PIL import Image
+
+from tool_runs import RUNS, shared_runs
+from tools import plots
+from tools.report import build_report, main
+from tools.runs import RunSelectionError, read_evals, select_runs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    return shared_runs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(runs_root, tmp_path_factory):
+    return build_report([runs_root], tmp_path_factory.mktemp("report"), warn=lambda text: None)
+
+
+def finals(root):
+    return {name: json.loads((root / name / "final.json").read_text()) for name in RUNS}
+
+
+def markdown_tables(text):
+    """Each markdown table in `text` as a list of rows (lists of cell strings), header first."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"\|(---\|)+", line.strip()):
+                current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def section(text, heading):
+    start = text.index(heading)
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def percent_cell(cell):
+    """'12.34 ± 0.56' -> (12.34, 0.56); '12.34' -> (12.34, None)."""
+    parts = [float(p) for p in cell.split("±")]
+    return parts[0], (parts[1] if len(parts) > 1 else None)
+
+
+def assert_png(path, fig):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = fig.get_size_inches() * fig.dpi
+        assert image.size == (round(width), round(height))
+
+
+def test_the_report_and_its_figures_are_written(report):
+    assert report.path.is_file()
+    assert sorted(report.figures) == ["accuracy_curves", "error_vs_labels"]
+    for path, fig in report.figures.values():
+        assert path.parent == report.path.parent
+        assert f"]({path.name})" in report.path.read_text()
+        assert_png(path, fig)
+
+
+def test_figure1_draws_every_runs_test_accuracy(report, runs_root):
+    _, fig = report.figures["accuracy_curves"]
+    (ax,) = fig.axes  # digits has 10 classes: no top-5 panel
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == sorted(RUNS)
+    for name in RUNS:
+        evals = read_evals(runs_root / name)
+        assert list(lines[name].get_xdata()) == [e["step"] for e in evals]
+        assert list(lines[name].get_ydata()) == pytest.approx([100 * (1 - e["top1_error"]) for e in evals])
+        assert evals[-1]["top1_error"] == pytest.approx(finals(runs_root)[name]["test_error"])
+
+
+def test_figure2_plots_mean_and_std_over_seeds_against_labels(report, runs_root):
+    final = finals(runs_root)
+    _, fig = report.figures["error_vs_labels"]
+    (ax,) = fig.axes
+    drawn = {c.get_label(): c for c in ax.containers}
+    assert sorted(drawn) == ["labeled-only", "meta + mixup"]  # the other variants have one label count
+    for method, prefix in (("labeled-only", "baseline"), ("meta + mixup", "full")):
+        line = drawn[method].lines[0]
+        assert list(line.get_xdata()) == [50, 100]
+        seeds50 = [final[n]["test_error"] for n in RUNS if n.startswith(f"labels50/{prefix}-")]
+        expected = [100 * statistics.fmean(seeds50), 100 * final[f"labels100/{prefix}-s0"]["test_error"]]
+        assert list(line.get_ydata()) == pytest.approx(expected)
+    table = markdown_tables(section(report.path.read_text(), "## Error against"))[0]
+    assert table[0] == ["Method", "Labels", "Test error", "Seeds"]
+    rows = {(r[0], int(r[1])): r for r in table[1:]}
+    mean, std = percent_cell(rows[("meta + mixup", 50)][2])
+    runs50 = [final[f"labels50/full-s{s}"]["test_error"] for s in (0, 1)]
+    assert mean == pytest.approx(100 * statistics.fmean(runs50), abs=0.006)
+    assert std == pytest.approx(100 * statistics.stdev(runs50), abs=0.006)
+    assert rows[("meta + mixup", 50)][3] == "2" and rows[("labeled-only", 100)][3] == "1"
+
+
+def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
+    final = finals(runs_root)
+    text = section(report.path.read_text(), "## Ablation")
+    assert "50 labels" in text and "100 labels" not in text  # 100 labels has only the full method
+    (table,) = markdown_tables(text)
+    assert table[0] == ["No.", "Meta", "Mix-Up", "Test error", "Seeds"]
+    rows = {r[0]: r for r in table[1:]}
+    assert list(rows) == ["labeled-only", "1", "2", "3", "4"]
+    expected = {"labeled-only": ("baseline", "", ""), "1": ("plain", "", ""), "2": ("meta", "✓", ""),
+                "3": ("mixup", "", "✓"), "4": ("full", "✓", "✓")}
+    for number, (prefix, meta, mixup) in expected.items():
+        errors = [100 * final[n]["test_error"] for n in RUNS if n.startswith(f"labels50/{prefix}-")]
+        mean, std = percent_cell(rows[number][3])
+        assert rows[number][1:3] == [meta, mixup]
+        assert mean == pytest.approx(statistics.fmean(errors), abs=0.006)
+        assert int(rows[number][4]) == len(errors)
+        if len(errors) > 1:
+            assert std == pytest.approx(statistics.stdev(errors), abs=0.006)
+        else:
+            assert std is None
+
+
+def test_the_runs_table_lists_each_runs_errors(report, runs_root):
+    final = finals(runs_root)
+    table = markdown_tables(section(report.path.read_text(), "## Runs"))[0]
+    header, rows = table[0], {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    assert "Test error" in header and sorted(rows) == sorted(RUNS)
+    for name, row in rows.items():
+        assert float(row["Test error"]) == pytest.approx(100 * final[name]["test_error"], abs=0.006)
+        assert float(row["Best test error"]) == pytest.approx(100 * final[name]["best_test_error"], abs=0.006)
+        assert int(row["Labels"]) == final[name]["num_labels"] and int(row["Seed"]) == final[name]["seed"]
+    commands = section(report.path.read_text(), "## How the runs were made")
+    for name in RUNS:  # each run's training command, from its runs.jsonl
+        assert f"# {name}\n" in commands and f"--out {runs_root / name} " in commands
+
+
+def test_unfinished_runs_are_skipped_with_a_note(runs_root, tmp_path):
+    for name in ("labels50/full-s0", "labels50/meta-s0"):
+        shutil.copytree(runs_root / name, tmp_path / "runs" / name)
+    (tmp_path / "runs" / "labels50/meta-s0" / "final.json").unlink()  # as while it still trains
+    notes = []
+    report = build_report([tmp_path / "runs"], tmp_path / "out", warn=notes.append)
+    assert [r.path.name for r in report.runs] == ["full-s0"]
+    assert [p.name for p in report.skipped] == ["meta-s0"]
+    assert any("meta-s0" in n and "--resume" in n for n in notes)
+    text = report.path.read_text()
+    assert "Skipped, not finished" in text and "meta-s0" in text
+    assert "error_vs_labels" not in report.figures and not report.tables
+    assert "Not drawn" in text and "Not formed" in text
+
+
+def test_an_empty_selection_is_an_error_that_says_what_to_do(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunSelectionError, match="no finished run"):
+        select_runs([tmp_path / "empty"])
+    assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished run" in err and "python -m train" in err
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_command_line_writes_the_report(runs_root, tmp_path, capsys):
+    assert main([str(runs_root / "labels50"), str(runs_root / "labels100" / "full-s0"), "--out",
+                 str(tmp_path / "out"), "--metric", "best_test_error"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "best_test_error" in text
+    assert (tmp_path / "out" / "accuracy_curves.png").is_file()
+    rows = {r[0]: r for r in markdown_tables(section(text, "## Ablation"))[0][1:]}
+    best = json.loads((runs_root / "labels50/meta-s0/final.json").read_text())["best_test_error"]
+    assert percent_cell(rows["2"][3])[0] == pytest.approx(100 * best, abs=0.006)
+
+
+def test_a_resumed_run_repeating_an_evaluation_step_is_drawn_once(runs_root, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs_root / "labels50/full-s0", run)
+    evals = read_evals(run)
+    repeat = {**evals[-1], "top1_error": 0.5}
+    with open(run / "metrics.jsonl", "a") as f:  # a resume from an earlier checkpoint re-evaluates
+        f.write(json.dumps(repeat) + "\n")
+    again = read_evals(run)
+    assert [e["step"] for e in again] == [e["step"] for e in evals]
+    assert again[-1]["top1_error"] == 0.5
+
+
+def test_a_top5_panel_appears_when_runs_logged_top5():
+    rows = [{"step": s, "top1_error": 0.5, "top5_error": 0.2} for s in (10, 20)]
+    fig = plots.accuracy_curves([("a", rows), ("b", rows)])
+    assert len(fig.axes) == 2
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([80.0, 80.0])
+
+
+def test_runs_without_config_yaml_are_grouped_by_final_json(runs_root, tmp_path):
+    final = finals(runs_root)
+    for name in ("labels50/meta-s0", "labels50/full-s0", "labels50/full-s1", "labels100/full-s0"):
+        shutil.copytree(runs_root / name, tmp_path / "runs" / name)
+        (tmp_path / "runs" / name / "config.yaml").unlink()
+    report = build_report([tmp_path / "runs"], tmp_path / "out", warn=lambda text: None)
+    (table,) = report.tables
+    assert "50 labels" in table.title
+    cells = {(meta, mixup): cell for _, meta, mixup, cell, _ in table.rows}
+    assert sorted(cells) == [(True, False), (True, True)]
+    assert cells[(True, True)].values == [final[f"labels50/full-s{s}"]["test_error"] for s in (0, 1)]
+    ((_, lines),) = report.labels_panels  # the full method was trained with 50 and 100 labels
+    assert sorted(lines) == ["meta + mixup"] and [n for n, _ in lines["meta + mixup"]] == [50, 100]
+    assert "error_vs_labels" in report.figures
+
+
+def test_runs_of_different_settings_are_not_averaged_together(runs_root, tmp_path):
+    import yaml
+
+    for name in ("full-s0", "mixup-s0", "meta-s0", "plain-s0"):
+        shutil.copytree(runs_root / "labels50" / name, tmp_path / "runs" / name)
+    for name in ("full-s0", "mixup-s0"):  # as if trained with --set optim.lr=0.05
+        path = tmp_path / "runs" / name / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["optim"]["lr"] = 0.05
+        path.write_text(yaml.safe_dump(config))
+    report = build_report([tmp_path / "runs"], tmp_path / "out", warn=lambda text: None)
+    assert sorted(t.title.split(" · ")[-1] for t in report.tables) == ["optim.lr=0.05", "optim.lr=0.1"]
+    for table in report.tables:
+        assert all(len(cell.values) == 1 for *_, cell, _ in table.rows)

@@ -1,0 +1,290 @@
+"""Reading the folders that `python -m train` writes, and restoring a saved network with its data.
+
+A run folder holds final.json (written last, so its presence means the run finished), metrics.jsonl,
+config.yaml, runs.jsonl, labeled_split.json and checkpoints/last.pt."""
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+FINAL = "final.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+SPLIT = "labeled_split.json"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+# Files that only a run folder holds: one with any of them but no final.json is an unfinished run.
+RUN_MARKERS = (CONFIG, METRICS, "runs.jsonl", CHECKPOINT.as_posix())
+
+# Config keys that do not change what a run learns (logging, paths, the evaluation batch), and the
+# seed: runs that differ only in these are repeats of one experiment.
+NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size", "data.split_file",
+                      "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_last_evals",
+                      "train.progress", "train.tensorboard", "train.device", "train.compile")
+# The switches that Table 4 varies, and the baseline switch.
+VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
+
+
+# The keys of final.json that name an experiment, and the config keys they come from.
+FINAL_TO_CONFIG = {"dataset": "data.name", "model": "model.name", "num_labels": "data.labels",
+                   "steps": "train.steps", "estimator": "method.estimator", "unlabeled": "method.unlabeled",
+                   "meta": "method.meta", "mixup": "method.mixup"}
+
+
+class RunSelectionError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    final: dict
+    config: dict = field(default_factory=dict)  # flattened: {"data.labels": 50, ...}; empty if config.yaml is absent
+    evals: list = field(default_factory=list)  # metrics.jsonl rows of kind "eval", one per step, in step order
+    commands: list = field(default_factory=list)  # the command of each start or resume, from runs.jsonl
+    name: str = ""  # a short name for legends and tables
+
+    def get(self, key: str, default=None):
+        """A value of final.json, else of the config (e.g. `meta` or `method.meta`)."""
+        if key in self.final:
+            return self.final[key]
+        return self.config.get(key, default)
+
+    @property
+    def unlabeled(self) -> bool:
+        return bool(self.get("unlabeled", self.config.get("method.unlabeled", True)))
+
+    @property
+    def meta(self) -> bool:
+        return bool(self.get("meta", self.config.get("method.meta", False)))
+
+    @property
+    def mixup(self) -> bool:
+        return bool(self.get("mixup", self.config.get("method.mixup", False)))
+
+    @property
+    def method(self) -> str:
+        return method_name(self.unlabeled, self.meta, self.mixup)
+
+
+def method_name(unlabeled: bool, meta: bool, mixup: bool) -> str:
+    if not unlabeled:
+        return "labeled-only"
+    if meta and mixup:
+        return "meta + mixup"
+    return "meta" if meta else ("mixup" if mixup else "consistency only")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
+    """(finished, unfinished) run folders at or below each path, each once, in a stable order."""
+    finished, unfinished, seen = [], [], set()
+    for arg in paths:
+        root = Path(arg)
+        if not root.exists():
+            raise RunSelectionError(f"{root} does not exist; pass run folders (holding {FINAL}) or folders above them")
+        if root.is_file():
+            raise RunSelectionError(f"{root} is a file; pass the run folder that holds it (e.g. {root.parent})")
+        candidates = [root] if is_run_dir(root) or (root / FINAL).is_file() else []
+        candidates += sorted(p for p in root.rglob("*") if p.is_dir() and ((p / FINAL).is_file() or is_run_dir(p))
+                             and p.name != "checkpoints")
+        for path in candidates:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            (finished if (path / FINAL).is_file() else unfinished).append(path)
+    return finished, unfinished
+
+
+def read_evals(run_dir: Path) -> list[dict]:
+    """Test evaluations from metrics.jsonl; a resumed run may repeat a step, and its later row wins."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    by_step = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write: skip it, keep the rest
+            print(f"warning: {path}:{number} is not JSON; skipped", file=sys.stderr)
+            continue
+        if row.get("kind") == "eval" and "step" in row:
+            by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return flatten(yaml.safe_load(path.read_text()) or {})
+
+
+def load_run(run_dir: Path) -> Run:
+    run_dir = Path(run_dir)
+    try:
+        final = json.loads((run_dir / FINAL).read_text())
+    except json.JSONDecodeError as e:
+        raise RunSelectionError(f"{run_dir / FINAL} is not valid JSON ({e}); rerun the run or remove the folder") from e
+    if "test_error" not in final:
+        raise RunSelectionError(f"{run_dir / FINAL} has no test_error; it was not written by `python -m train`")
+    return Run(run_dir, final, read_config(run_dir), read_evals(run_dir), read_commands(run_dir))
+
+
+def read_commands(run_dir: Path) -> list[str]:
+    path = Path(run_dir) / "runs.jsonl"
+    if not path.is_file():
+        return []
+    commands = []
+    for line in path.read_text().splitlines():
+        try:
+            commands.append(json.loads(line)["command"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return commands
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Name each run by its path below the folder all of them share (the folder name for one run)."""
+    if not runs:
+        return
+    paths = [r.path.resolve() for r in runs]
+    parts = [p.parts for p in paths]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    for run, p in zip(runs, parts):
+        run.name = "/".join(p[common:]) if len(runs) > 1 else p[-1]
+
+
+def select_runs(paths: Iterable, warn=print) -> tuple[list[Run], list[Path]]:
+    """Loaded finished runs below `paths` and the unfinished folders skipped; an error if none finished."""
+    paths = list(paths)
+    finished, unfinished = find_runs(paths)
+    for path in unfinished:
+        warn(f"skipping {path}: no {FINAL} yet (still running, or stopped; finish it with "
+             f"`python -m train CONFIG --out {path} --resume`)")
+    if not finished:
+        where = ", ".join(map(str, paths))
+        raise RunSelectionError(f"no finished run (a folder holding {FINAL}) in or below {where}; "
+                                "train one with `python -m train digits --out runs/digits`")
+    runs = [load_run(p) for p in finished]
+    name_runs(runs)
+    runs.sort(key=lambda run: natural_key(run.name))
+    return runs, unfinished
+
+
+def natural_key(text: str) -> list:
+    """Sorts labels20 before labels100 and seed2 before seed10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
+def experiment_key(run: Run, also_ignore: tuple = ()) -> tuple:
+    """What makes runs repeats of one experiment: the config less seeds, logging and paths (and
+    `also_ignore`); from final.json where config.yaml is missing."""
+    ignore = NOT_THE_EXPERIMENT + tuple(also_ignore)
+    if run.config:
+        return tuple(sorted((k, repr(v)) for k, v in run.config.items() if k not in ignore))
+    return tuple((key, repr(run.final.get(name))) for name, key in FINAL_TO_CONFIG.items() if key not in ignore)
+
+
+def differing_keys(keys: list[tuple]) -> list[str]:
+    """The config keys whose values are not the same in every one of `keys` (from experiment_key)."""
+    dicts = [dict(k) for k in keys]
+    names = sorted(set().union(*dicts)) if dicts else []
+    return [n for n in names if len({d.get(n, "<absent>") for d in dicts}) > 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring a saved network with the data it was trained on
+
+
+@dataclass
+class Restored:
+    checkpoint: Path
+    run_dir: Optional[Path]
+    state: dict
+    cfg: object  # train.config.Config
+    net: object  # torch.nn.Module, in eval mode
+    data: object  # what pipelines.build_data returns
+    device: object
+
+
+def checkpoint_path(path) -> Path:
+    """A checkpoint file, or the run folder whose checkpoints/last.pt is meant."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CHECKPOINT).is_file():
+            return path / CHECKPOINT
+        raise FileNotFoundError(f"{path} holds no {CHECKPOINT}; pass a checkpoint file or a run folder that "
+                                "has one (runs save it every train.checkpoint_every steps and at the end)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint (.pt) or a run folder")
+    return path
+
+
+def run_dir_of(checkpoint: Path) -> Optional[Path]:
+    """The run folder of <run>/checkpoints/<file>.pt, if that is where the checkpoint lies."""
+    parent = checkpoint.resolve().parent
+    if parent.name == "checkpoints" and ((parent.parent / CONFIG).is_file() or (parent.parent / SPLIT).is_file()):
+        return parent.parent
+    return None
+
+
+def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=print) -> Restored:
+    """The network of a checkpoint with its weights, on the data of its run: the saved config, and
+    the labeled split saved beside it (without one the split is drawn again from the run's seed)."""
+    import torch
+
+    from pipelines import build_data
+    from train import checkpoint as ckpt
+    from train.config import Config, from_dict
+
+    checkpoint = checkpoint_path(path)
+    state = ckpt.load(checkpoint)
+    if "model" not in state or "config" not in state:
+        raise ValueError(f"{checkpoint} has no 'model' and 'config' entries; it is not a checkpoint of "
+                         "`python -m train` (checkpoints/last.pt in a run folder is)")
+    config = dict(state["config"])
+    config["data"] = dict(config.get("data", {}))
+    if data_root is not None:
+        config["data"]["root"] = str(data_root)
+    run_dir = run_dir_of(checkpoint)
+    split = run_dir / SPLIT if run_dir is not None else None
+    if split is not None and split.is_file():
+        config["data"]["split_file"] = str(split)
+    elif not config["data"].get("split_file"):
+        warn(f"warning: no {SPLIT} beside {checkpoint}; drawing the labeled split again from seed "
+             f"{config.get('seed')} (the same split unless the data or the split code changed)")
+    try:
+        cfg = from_dict(Config, config)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"the config saved in {checkpoint} does not load with this version of the code "
+                         f"({e.args[0] if isinstance(e, KeyError) else e}); evaluate it with the version that "
+                         f"trained it (git commit {state.get('git_commit', 'unknown')})") from e
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    data = build_data(cfg.data, seed=cfg.seed, device=dev)
+    net = cfg.model.build(data.num_classes, data.in_channels).to(dev)
+    net.load_state_dict(state["model"])
+    net.eval()
+    return Restored(checkpoint, run_dir, state, cfg, net, data, dev)
