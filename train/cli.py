@@ -26,21 +26,41 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _say_error(e: BaseException) -> None:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    print(f"{where}error: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, tuple(args.overrides))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        _say_error(e)
         return 2
     out = args.out or Path("runs") / f"{resolve_config_path(args.config).stem}-seed{cfg.seed}"
     # A worker restarted by `torchrun --max-restarts` reruns this command: continue, don't refuse.
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    from train.engine import run  # imports torch: keep `--help` and config errors fast
+    from train.checkpoint import CheckpointError  # these import torch: keep `--help` and config errors fast
+    from train.distributed import DeviceError
+    from train.engine import NonFiniteLossError, RanksDivergedError, run
 
-    summary = run(cfg, out, resume=resume, argv=argv)
+    # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
+    # keeps its traceback.
+    expected = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, CheckpointError,
+                NonFiniteLossError, RanksDivergedError, DeviceError)
+    try:
+        summary = run(cfg, out, resume=resume, argv=argv)
+    except expected as e:
+        _say_error(e)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with the same command plus --resume (run folder {out})", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         err = summary.get("test_error")
         print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f})")

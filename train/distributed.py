@@ -6,6 +6,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(RuntimeError):
+    pass
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -25,7 +29,10 @@ class Dist:
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use --set train.device=cpu")
+            raise DeviceError("train.device=cuda but no CUDA device is visible; use --set train.device=cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                              "start at most that many processes per node (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -74,10 +81,16 @@ def gather_objects(obj, d: Dist) -> list:
     return out
 
 
-def broadcast_flag(flag: bool, d: Dist) -> bool:
-    """True on every rank if it is true on any rank."""
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank if it is true on any rank: lets all ranks stop together."""
     if not d.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_buffers(net: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm statistics) to every rank."""
+    for buf in net.buffers():
+        dist.broadcast(buf, src)
