@@ -1,5 +1,7 @@
 """Process-group set-up for torchrun (NCCL on GPUs, gloo on CPUs) and the few collectives used."""
 import os
+import sys
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +47,31 @@ def setup(device_choice: str) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_choice, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _store_of_this_attempt(rank, world)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
+
+
+def _store_of_this_attempt(rank: int, world: int):
+    """A fresh key space for the process group of each torchrun restart, or None for the default.
+
+    torchrun's agent keeps one store for all attempts of a run; the process group of a restarted
+    worker would read the addresses that the dead attempt's workers published there and fail to
+    connect. On one node every worker sees the same restart count, which names the attempt."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and rank == 0:
+            print("warning: with --max-restarts on several nodes, start every torchrun with "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restart gets a fresh store", file=sys.stderr)
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"mgssl/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:
