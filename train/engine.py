@@ -153,6 +153,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list
     d = D.setup(cfg.train.device)
     try:
         check_global_batch(cfg, d.world_size)
+        if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
+            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
+                             "set train.sync_bn=false for CPU runs")
         return _run(cfg, Path(run_dir), resume, argv or [], d)
     finally:
         D.teardown()
