@@ -45,6 +45,11 @@ def assert_ranks_agree_and_experiment_unchanged(out, steps, world_size):
     split = json.loads((out / "labeled_split.json").read_text())
     assert final["epochs"] == pytest.approx(steps * 32 / (split["train_size"] - split["num_labeled"]), abs=1e-4)
     assert len(state["rng"]) == world_size
+    # Each rank tests its share; the counts are summed, so every test image is counted once.
+    from pipelines.sources import load_digits_arrays
+
+    test_size = len(load_digits_arrays().test_labels)
+    assert {r["test_images"] for r in read_metrics(out, "eval")} == {test_size}
 
 
 @pytest.mark.slow

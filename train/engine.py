@@ -63,12 +63,10 @@ def build_optimizer(net: nn.Module, cfg: Config, device: torch.device) -> torch.
 
 def check_global_batch(cfg: Config, world_size: int) -> None:
     """Batch sizes are global: a GPU count that does not divide them would change the experiment."""
-    for key in ("batch_size", "eval_batch_size"):
-        value = getattr(cfg.data, key)
-        if value % world_size:
-            raise ValueError(f"data.{key}={value} is the GLOBAL batch, summed over all {world_size} processes, "
-                             f"and must be divisible by {world_size}; change the process count or set "
-                             f"data.{key} to a multiple of {world_size} (this changes the experiment)")
+    if cfg.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch, summed over all {world_size} "
+                         f"processes, and must be divisible by {world_size}; change the process count, or set "
+                         f"data.batch_size to a multiple of {world_size} (which changes the experiment)")
 
 
 # ---------------------------------------------------------------------------------------------
