@@ -208,14 +208,18 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         elif d.is_main:
             print(f"resuming on {d.world_size} processes from a checkpoint of {len(rngs)}: dropout and mixup "
                   "draws will differ from an uninterrupted run", file=sys.stderr)
-        del state
 
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    if state is not None and "log_window" in state:
+        count = int(state["log_window"]["count"])
+        sums = {k: v.to(device) for k, v in state["log_window"]["sums"].items()}
+    state = None  # free the host copy of the weights before training
     log = MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main, resume_step=start)
     progress = Progress(schedule.total_steps, start, enabled=d.is_main and cfg.train.progress)
     autocast = autocast_for(device, cfg.train.precision)
-    sums: dict[str, torch.Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
-    count, tick = 0, time.perf_counter()
+    tick = time.perf_counter()
     global_batch = cfg.data.batch_size
     checkpoint_path = run_dir / "checkpoints" / ckpt.LAST
 
@@ -249,6 +253,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
                        "git_commit": git_commit(), "world_size": d.world_size}
             if scaler is not None:
                 payload["scaler"] = scaler.state_dict()
+            # The partial logging window, so the first line logged after a resume averages the same steps.
+            payload["log_window"] = {"count": count, "sums": {k: v.detach().cpu() for k, v in sums.items()}}
             try:
                 if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
                     raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
