@@ -14,7 +14,12 @@ def parse_args(argv):
         epilog="examples:\n"
                "  python -m train digits\n"
                "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
-               "  torchrun --nproc_per_node=8 -m train resnet18_imagenet_10pct --set data.root=/data/imagenet\n",
+               "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 --resume\n"
+               "  torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m train resnet18_imagenet_10pct \\\n"
+               "      --set data.root=/data/imagenet\n"
+               "  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29400 \\\n"
+               "      --rdzv-id=imagenet -m train resnet18_imagenet_10pct --set data.root=/data/imagenet  (on each node)\n"
+               "batch sizes are global (summed over all processes); see configs/README.md for every experiment.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="digits",
                    help="a YAML file, or the name of one in configs/ (default: digits)")
