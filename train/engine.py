@@ -222,6 +222,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
     tick = time.perf_counter()
     global_batch = cfg.data.batch_size
     checkpoint_path = run_dir / "checkpoints" / ckpt.LAST
+    commit = git_commit()
 
     def track_finite(loss: torch.Tensor) -> None:
         nonlocal finite
@@ -250,7 +251,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         if d.is_main:
             payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                        "data": data.train.state_dict(), "rng": rngs, "evals": evals, "config": to_dict(cfg),
-                       "git_commit": git_commit(), "world_size": d.world_size}
+                       "git_commit": commit, "world_size": d.world_size}
             if scaler is not None:
                 payload["scaler"] = scaler.state_dict()
             # The partial logging window, so the first line logged after a resume averages the same steps.
@@ -326,7 +327,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
     summary = {**summarize_evals(evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
                "world_size": d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
                "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-               "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": git_commit(),
+               "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": commit,
                "precision": cfg.train.precision, "global_batch": global_batch,
                "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
                "weights_sha256_per_rank": fingerprints}
