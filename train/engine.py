@@ -131,7 +131,8 @@ def _launch_command(argv: list[str]) -> str:
 def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, resumed_from: int) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     info = {"command": _launch_command(argv), "argv": argv, "git_commit": git_commit(),
-            "world_size": d.world_size, "device": str(d.device), "torch": torch.__version__,
+            "world_size": d.world_size, "global_batch": cfg.data.batch_size,
+            "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device), "torch": torch.__version__,
             "python": platform.python_version(), "host": socket.gethostname(), "pid": os.getpid(),
             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "resumed_from_step": resumed_from,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
