@@ -142,3 +142,36 @@ def test_the_labeled_gradient_is_averaged_over_ranks_before_epsilon(tmp_path, su
         assert torch.allclose(got["grad_norm"], whole.grad_norm, rtol=1e-10)
         assert torch.allclose(got["jg"], whole.jg, rtol=1e-6, atol=1e-9)
     assert not torch.allclose(half.jg, whole.jg, rtol=1e-2)  # a per-rank g would be told apart
+
+
+def test_workers_of_a_restart_agree_on_a_fresh_name_despite_a_stale_one(tmp_path):
+    """Ranks 1 and 2 start before rank 0 and first read the name a dead attempt left in the store."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from train.distributed import agree_on_attempt
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server.set("mgssl/attempt", "dead-attempt")
+    server.set("mgssl/dead-attempt/go/anything", "1")
+    names, errors = {}, []
+
+    def worker(rank):
+        try:
+            client = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=60))
+            names[rank] = agree_on_attempt(client, rank, 3, timeout=timedelta(seconds=60),
+                                           retry=timedelta(milliseconds=200))
+        except Exception as e:  # reported below, with the rank
+            errors.append((rank, e))
+
+    threads = {r: threading.Thread(target=worker, args=(r,)) for r in range(3)}
+    threads[1].start()
+    threads[2].start()
+    time.sleep(0.5)  # both have read the stale name and are waiting for a confirmation that never comes
+    threads[0].start()
+    for t in threads.values():
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(set(names.values())) == 1 and names[0] != "dead-attempt" and len(names) == 3

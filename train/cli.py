@@ -48,7 +48,10 @@ def main(argv=None) -> int:
         return 2
     out = args.out or Path("runs") / f"{resolve_config_path(args.config).stem}-seed{cfg.seed}"
     # A worker restarted by `torchrun --max-restarts` reruns this command: continue, don't refuse.
-    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # The restart count alone cannot tell: on several nodes, an agent whose own workers were healthy
+    # restarts them with a count of 0. So under --max-restarts an existing checkpoint is continued.
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    resume = args.resume or restarts_allowed or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
     from train.checkpoint import CheckpointError  # these import torch: keep `--help` and config errors fast
     from train.distributed import DeviceError

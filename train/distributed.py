@@ -1,6 +1,7 @@
 """Process-group set-up for torchrun (NCCL on GPUs, gloo on CPUs) and the few collectives used."""
 import os
-import sys
+import time
+import uuid
 from datetime import timedelta
 from dataclasses import dataclass
 
@@ -57,21 +58,49 @@ def setup(device_choice: str) -> Dist:
 
 
 def _store_of_this_attempt(rank: int, world: int):
-    """A fresh key space for the process group of each torchrun restart, or None for the default.
+    """A fresh key space for the process group of each torchrun attempt, or None for the default.
 
-    torchrun's agent keeps one store for all attempts of a run; the process group of a restarted
-    worker would read the addresses that the dead attempt's workers published there and fail to
-    connect. On one node every worker sees the same restart count, which names the attempt."""
+    torchrun's agents keep one store for all attempts of a run (unless the launchers have
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); a restarted worker would read there the addresses that
+    the dead attempt's workers published and fail to connect. The restart count cannot name the
+    attempt: it differs between nodes. The workers agree on a fresh name instead."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and rank == 0:
-            print("warning: with --max-restarts on several nodes, start every torchrun with "
-                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restart gets a fresh store", file=sys.stderr)
-        return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=30))
-    return dist.PrefixStore(f"mgssl/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+                          timeout=PG_TIMEOUT)
+    return dist.PrefixStore(f"mgssl/{agree_on_attempt(store, rank, world)}", store)
+
+
+PG_TIMEOUT = timedelta(minutes=30)
+
+
+def agree_on_attempt(store, rank: int, world: int, timeout: timedelta = PG_TIMEOUT,
+                     retry: timedelta = timedelta(seconds=2)) -> str:
+    """A name that every worker of this attempt returns and no worker of an earlier one used.
+
+    Rank 0 draws the name and posts it; every other rank answers under that name with a token of its
+    own and waits for rank 0 to confirm that token. A rank that read the name of a dead attempt
+    (rank 0 had not posted yet) never gets its confirmation, so it reads the name again."""
+    if rank == 0:
+        name = uuid.uuid4().hex
+        store.set("mgssl/attempt", name)
+        joins = [f"mgssl/{name}/join/{r}" for r in range(1, world)]
+        if joins:
+            store.wait(joins, timeout)
+        for key in joins:
+            store.set(f"mgssl/{name}/go/{store.get(key).decode()}", "1")
+        return name
+    token, deadline = uuid.uuid4().hex, time.monotonic() + timeout.total_seconds()
+    while True:
+        store.wait(["mgssl/attempt"], timeout)
+        name = store.get("mgssl/attempt").decode()
+        store.set(f"mgssl/{name}/join/{rank}", token)
+        try:
+            store.wait([f"mgssl/{name}/go/{token}"], retry)
+            return name
+        except RuntimeError:  # DistStoreError on time-out: the name may be stale, read it again
+            if time.monotonic() > deadline:
+                raise
 
 
 def teardown() -> None:
