@@ -14,7 +14,12 @@ def parse_args(argv):
         epilog="examples:\n"
                "  python -m train digits\n"
                "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
-               "  torchrun --nproc_per_node=8 -m train resnet18_imagenet_10pct --set data.root=/data/imagenet\n",
+               "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 --resume\n"
+               "  torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m train resnet18_imagenet_10pct \\\n"
+               "      --set data.root=/data/imagenet\n"
+               "  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29400 \\\n"
+               "      --rdzv-id=imagenet -m train resnet18_imagenet_10pct --set data.root=/data/imagenet  (on each node)\n"
+               "batch sizes are global (summed over all processes); see configs/README.md for every experiment.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="digits",
                    help="a YAML file, or the name of one in configs/ (default: digits)")
@@ -26,21 +31,44 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _say_error(e: BaseException) -> None:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    print(f"{where}error: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, tuple(args.overrides))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        _say_error(e)
         return 2
     out = args.out or Path("runs") / f"{resolve_config_path(args.config).stem}-seed{cfg.seed}"
     # A worker restarted by `torchrun --max-restarts` reruns this command: continue, don't refuse.
-    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # The restart count alone cannot tell: on several nodes, an agent whose own workers were healthy
+    # restarts them with a count of 0. So under --max-restarts an existing checkpoint is continued.
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    resume = args.resume or restarts_allowed or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    from train.engine import run  # imports torch: keep `--help` and config errors fast
+    from train.checkpoint import CheckpointError  # these import torch: keep `--help` and config errors fast
+    from train.distributed import DeviceError
+    from train.engine import NonFiniteLossError, RanksDivergedError, run
 
-    summary = run(cfg, out, resume=resume, argv=argv)
+    # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
+    # keeps its traceback.
+    expected = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, CheckpointError,
+                NonFiniteLossError, RanksDivergedError, DeviceError)
+    try:
+        summary = run(cfg, out, resume=resume, argv=argv)
+    except expected as e:
+        _say_error(e)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with the same command plus --resume (run folder {out})", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         err = summary.get("test_error")
         print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f})")

@@ -1,9 +1,16 @@
 """Process-group set-up for torchrun (NCCL on GPUs, gloo on CPUs) and the few collectives used."""
 import os
+import time
+import uuid
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class DeviceError(RuntimeError):
+    pass
 
 
 @dataclass
@@ -25,7 +32,10 @@ class Dist:
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use --set train.device=cpu")
+            raise DeviceError("train.device=cuda but no CUDA device is visible; use --set train.device=cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                              "start at most that many processes per node (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -38,8 +48,59 @@ def setup(device_choice: str) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_choice, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _store_of_this_attempt(rank, world)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
+
+
+def _store_of_this_attempt(rank: int, world: int):
+    """A fresh key space for the process group of each torchrun attempt, or None for the default.
+
+    torchrun's agents keep one store for all attempts of a run (unless the launchers have
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); a restarted worker would read there the addresses that
+    the dead attempt's workers published and fail to connect. The restart count cannot name the
+    attempt: it differs between nodes. The workers agree on a fresh name instead."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=PG_TIMEOUT)
+    return dist.PrefixStore(f"mgssl/{agree_on_attempt(store, rank, world)}", store)
+
+
+PG_TIMEOUT = timedelta(minutes=30)
+
+
+def agree_on_attempt(store, rank: int, world: int, timeout: timedelta = PG_TIMEOUT,
+                     retry: timedelta = timedelta(seconds=2)) -> str:
+    """A name that every worker of this attempt returns and no worker of an earlier one used.
+
+    Rank 0 draws the name and posts it; every other rank answers under that name with a token of its
+    own and waits for rank 0 to confirm that token. A rank that read the name of a dead attempt
+    (rank 0 had not posted yet) never gets its confirmation, so it reads the name again."""
+    if rank == 0:
+        name = uuid.uuid4().hex
+        store.set("mgssl/attempt", name)
+        joins = [f"mgssl/{name}/join/{r}" for r in range(1, world)]
+        if joins:
+            store.wait(joins, timeout)
+        for key in joins:
+            store.set(f"mgssl/{name}/go/{store.get(key).decode()}", "1")
+        return name
+    token, deadline = uuid.uuid4().hex, time.monotonic() + timeout.total_seconds()
+    while True:
+        store.wait(["mgssl/attempt"], timeout)
+        name = store.get("mgssl/attempt").decode()
+        store.set(f"mgssl/{name}/join/{rank}", token)
+        try:
+            store.wait([f"mgssl/{name}/go/{token}"], retry)
+            return name
+        except RuntimeError:  # DistStoreError on time-out: the name may be stale, read it again
+            if time.monotonic() > deadline:
+                raise
 
 
 def teardown() -> None:
@@ -74,10 +135,16 @@ def gather_objects(obj, d: Dist) -> list:
     return out
 
 
-def broadcast_flag(flag: bool, d: Dist) -> bool:
-    """True on every rank if it is true on any rank."""
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank if it is true on any rank: lets all ranks stop together."""
     if not d.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_buffers(net: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm statistics) to every rank."""
+    for buf in net.buffers():
+        dist.broadcast(buf, src)

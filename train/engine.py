@@ -3,6 +3,8 @@ import json
 import math
 import os
 import platform
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -26,10 +29,14 @@ from train.step import SeparateForwards, autocast_for, train_step
 # Keys a resumed run may change: they do not alter what is trained.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "train.keep_last_evals", "train.progress", "train.tensorboard",
-                     "data.root", "data.workers", "data.eval_batch_size")
+                     "train.compile", "data.root", "data.workers", "data.eval_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class RanksDivergedError(RuntimeError):
     pass
 
 
@@ -45,6 +52,7 @@ def git_commit() -> str:
 
 
 def build_optimizer(net: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """torch's SGD with one kernel for all tensors: fused on GPUs, foreach elsewhere."""
     impl = cfg.optim.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
@@ -53,8 +61,24 @@ def build_optimizer(net: nn.Module, cfg: Config, device: torch.device) -> torch.
                            nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay, **kwargs)
 
 
+def check_global_batch(cfg: Config, world_size: int) -> None:
+    """Batch sizes are global: a GPU count that does not divide them would change the experiment."""
+    if cfg.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch, summed over all {world_size} "
+                         f"processes, and must be divisible by {world_size}; change the process count, or set "
+                         f"data.batch_size to a multiple of {world_size} (which changes the experiment)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state: torch (CPU and CUDA), numpy and Python, as tensors and plain values so that the
+# checkpoint still loads with torch.load(weights_only=True).
+
+
 def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                       float(np_gauss)]}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -62,8 +86,20 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 @dataclass
@@ -82,12 +118,25 @@ def plan(cfg: Config, unlabeled_size: int) -> RunPlan:
     return RunPlan(int(total), int(warmup), per_epoch)
 
 
-def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist) -> None:
+def _launch_command(argv: list[str]) -> str:
+    """The command as typed, as near as the process can tell (torchrun shows up in its environment)."""
+    cmd = [Path(sys.executable).name, "-m", "train", *argv]
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
+        cmd = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
+               f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
+               f"--max-restarts={os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')}", "-m", "train", *argv]
+    return " ".join(cmd)
+
+
+def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, resumed_from: int) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    info = {"command": " ".join([Path(sys.executable).name, "-m", "train", *argv]), "git_commit": git_commit(),
-            "world_size": d.world_size, "device": str(d.device), "torch": torch.__version__,
-            "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with open(run_dir / "runs.jsonl", "a") as f:  # one line per start or resume
+    info = {"command": _launch_command(argv), "argv": argv, "git_commit": git_commit(),
+            "world_size": d.world_size, "global_batch": cfg.data.batch_size,
+            "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device), "torch": torch.__version__,
+            "python": platform.python_version(), "host": socket.gethostname(), "pid": os.getpid(),
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "resumed_from_step": resumed_from,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(run_dir / "runs.jsonl", "a") as f:  # one line per start, resume or restart
         f.write(json.dumps(info) + "\n")
 
 
@@ -102,6 +151,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list
     """Train `cfg` into `run_dir`; returns the final summary (also written to final.json)."""
     d = D.setup(cfg.train.device)
     try:
+        check_global_batch(cfg, d.world_size)
+        if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
+            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
+                             "set train.sync_bn=false for CPU runs")
         return _run(cfg, Path(run_dir), resume, argv or [], d)
     finally:
         D.teardown()
@@ -116,13 +169,18 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
     state = ckpt.load(last) if (resume and last is not None) else None
     if state is not None:
         _check_resume_config(state["config"], cfg)
+    start = int(state["step"]) if state is not None else 0
+    starts = D.gather_objects(start, d)
+    if len(set(starts)) != 1:
+        raise ValueError(f"the ranks found different checkpoints in {run_dir} (steps {starts}): --out must be a "
+                         "folder on a file system that every node shares")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(run_dir, cfg, argv, d)
+        _write_run_files(run_dir, cfg, argv, d, start)
         if resume and state is None:
             print(f"no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
 
-    torch.manual_seed(cfg.seed * 1000 + d.rank)  # dropout masks and mixup λ differ per rank
+    seed_everything(cfg.seed * 1000 + d.rank)  # dropout masks and mixup λ differ per rank
     data = build_data(cfg.data, seed=cfg.seed, device=device, rank=d.rank, world_size=d.world_size, run_dir=run_dir)
     net = cfg.model.build(data.num_classes, data.in_channels).to(device)
     if cfg.train.sync_bn and d.enabled:
@@ -131,18 +189,20 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     forwards: nn.Module = SeparateForwards(torch.compile(net) if cfg.train.compile else net)
     if d.enabled:
+        # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
         forwards = nn.parallel.DistributedDataParallel(forwards, device_ids=[device.index] if device.type == "cuda" else None)
     reduce_grad = (lambda g: D.average_grads(g, d.world_size)) if (d.enabled and cfg.method.allreduce_grad) else None
     schedule = plan(cfg, data.unlabeled_size)
+    channels_last = cfg.model.channels_last
 
-    start, evals = 0, []
+    evals: list[dict] = []
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
-        start, evals = int(state["step"]), list(state["evals"])
+        evals = list(state["evals"])
         rngs = state["rng"]
         if len(rngs) == d.world_size:
             set_rng_state(rngs[d.rank], device)
@@ -150,40 +210,67 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
             print(f"resuming on {d.world_size} processes from a checkpoint of {len(rngs)}: dropout and mixup "
                   "draws will differ from an uninterrupted run", file=sys.stderr)
 
-    log = MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    if state is not None and "log_window" in state:
+        count = int(state["log_window"]["count"])
+        sums = {k: v.to(device) for k, v in state["log_window"]["sums"].items()}
+    state = None  # free the host copy of the weights before training
+    log = MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main, resume_step=start)
     progress = Progress(schedule.total_steps, start, enabled=d.is_main and cfg.train.progress)
     autocast = autocast_for(device, cfg.train.precision)
-    sums: dict[str, torch.Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
-    count, tick = 0, time.perf_counter()
+    tick = time.perf_counter()
     global_batch = cfg.data.batch_size
+    checkpoint_path = run_dir / "checkpoints" / ckpt.LAST
+    commit = git_commit()
 
     def track_finite(loss: torch.Tensor) -> None:
         nonlocal finite
         finite = finite & torch.isfinite(loss.detach())  # stays on the device: no sync per step
 
-    def check_finite(step: int) -> None:
-        if not D.broadcast_flag(not bool(finite), d):  # a CPU-GPU sync point
+    def stop_if_not_finite(step: int) -> None:
+        bad = not bool(finite)  # a CPU-GPU sync point
+        if not D.any_rank(bad, d):
             return
-        raise NonFiniteLossError(f"the loss became NaN or inf before step {step}; stopping without saving. "
-                                 f"The last good checkpoint is {run_dir / 'checkpoints' / ckpt.LAST} (if any). "
-                                 "Try a lower optim.lr, train.precision=fp32, or a different seed, then --resume.")
+        kept = (f"The last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.is_file()
+                else "No checkpoint had been written yet")
+        raise NonFiniteLossError(f"the training loss became NaN or inf at or before step {step}; stopping without "
+                                 f"saving. {kept}. Try a lower optim.lr, train.precision=fp32 or another seed; "
+                                 "--resume continues from the checkpoint.")
+
+    def align_buffers() -> None:
+        # Each rank updates BatchNorm statistics from its own shard; evaluate and save rank 0's.
+        if d.enabled and not cfg.train.sync_bn:
+            D.broadcast_buffers(net)
 
     def save(step: int) -> None:
-        check_finite(step)
+        stop_if_not_finite(step)
+        align_buffers()
         rngs = D.gather_objects(rng_state(device), d)
-        if not d.is_main:
-            return
-        payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                   "data": data.train.state_dict(), "rng": rngs, "evals": evals, "config": to_dict(cfg),
-                   "git_commit": git_commit(), "world_size": d.world_size}
-        if scaler is not None:
-            payload["scaler"] = scaler.state_dict()
-        if not ckpt.all_finite(payload["model"].values()):
-            raise NonFiniteLossError(f"the weights hold NaN or inf at step {step}; the last good checkpoint is kept")
-        ckpt.save_atomic(payload, run_dir / "checkpoints" / ckpt.LAST)
+        error: Optional[Exception] = None
+        if d.is_main:
+            payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                       "data": data.train.state_dict(), "rng": rngs, "evals": evals, "config": to_dict(cfg),
+                       "git_commit": commit, "world_size": d.world_size}
+            if scaler is not None:
+                payload["scaler"] = scaler.state_dict()
+            # The partial logging window, so the first line logged after a resume averages the same steps.
+            payload["log_window"] = {"count": count, "sums": {k: v.detach().cpu() for k, v in sums.items()}}
+            try:
+                if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
+                    raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
+                                             f"not saving over the last good checkpoint {checkpoint_path}")
+                ckpt.save_atomic(payload, checkpoint_path)
+            except (ckpt.CheckpointError, NonFiniteLossError) as e:
+                error = e
+        if D.any_rank(error is not None, d):  # every rank stops together, not just the one that failed
+            raise error if error is not None else ckpt.CheckpointError(
+                f"rank 0 could not write {checkpoint_path}; see its message")
 
     def evaluate(step: int) -> dict:
+        stop_if_not_finite(step)
+        align_buffers()
         totals = D.sum_tensor(error_counts(net, data.eval_batches("test"), autocast), d)
         result = {"step": step, **errors_from_counts(totals)}
         if data.num_classes <= 10:
@@ -198,7 +285,10 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         for group in optimizer.param_groups:
             group["lr"] = lr
         weight = consistency_weight(step, cfg.method.consistency_weight, cfg.method.consistency_rampup)
-        stats = train_step(forwards, net, optimizer, next(data.train), method=cfg.method,
+        batch = next(data.train)
+        if channels_last:  # a no-op for the pipelines that already deliver NHWC memory
+            batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch)
+        stats = train_step(forwards, net, optimizer, batch, method=cfg.method,
                            num_classes=data.num_classes, lr=lr, consistency_weight=weight,
                            precision=cfg.train.precision, scaler=scaler, reduce_grad=reduce_grad,
                            world_size=d.world_size, before_backward=track_finite)
@@ -209,13 +299,16 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         done = step + 1
 
         if done % cfg.train.log_every == 0 or done == schedule.total_steps:
-            check_finite(done)
+            stop_if_not_finite(done)
             values = {k: v.item() / count for k, v in sums.items()}  # a CPU-GPU sync point
             elapsed = time.perf_counter() - tick
-            values.update(lr=lr, consistency_weight=weight, pairs_per_s=count * global_batch / elapsed,
+            pairs_per_s = count * global_batch / elapsed
+            values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,
                           epoch=data.train.unlabeled_epoch)
+            if scaler is not None:
+                values["loss_scale"] = scaler.get_scale()
             log.write("train", done, values)
-            progress.report(done, f"loss {values['loss']:.4f} lr {lr:.4g} {values['pairs_per_s']:.0f} pairs/s")
+            progress.report(done, f"loss {values['loss']:.4f} lr {lr:.4g} {values['images_per_s']:.0f} img/s")
             sums, count, tick = {}, 0, time.perf_counter()
         if done % cfg.train.eval_every == 0 or done == schedule.total_steps:
             result = evaluate(done)
@@ -227,10 +320,18 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
 
     if not evals or evals[-1]["step"] != schedule.total_steps:
         evaluate(schedule.total_steps)
+    align_buffers()
+    fingerprints = D.gather_objects(ckpt.fingerprint(net.state_dict()), d)
+    if len(set(fingerprints)) != 1:
+        raise RanksDivergedError(f"the ranks ended with different weights ({fingerprints}); "
+                                 "this is a bug in the distributed set-up")
     summary = {**summarize_evals(evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
                "world_size": d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
                "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-               "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": git_commit()}
+               "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": commit,
+               "precision": cfg.train.precision, "global_batch": global_batch,
+               "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
+               "weights_sha256_per_rank": fingerprints}
     if d.is_main:
         (run_dir / "final.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

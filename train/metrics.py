@@ -1,6 +1,7 @@
 """Where a run's numbers go: metrics.jsonl (one JSON object a line), TensorBoard, a progress bar."""
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -9,15 +10,21 @@ from typing import Optional
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+    """Appends to metrics.jsonl. A run that starts at `resume_step` first drops the records past it,
+    written by the process that died after its last checkpoint: they are about to be recomputed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        if enabled:
+            drop_records_after(self.path, resume_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                            purge_step=resume_step if resume_step > 0 else None)
             except ImportError:  # tensorboard is optional at run time
                 print("tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
 
@@ -35,6 +42,24 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return math.inf
 
 
 def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
@@ -59,21 +84,29 @@ def summarize_evals(evals: list[dict], keep_last: int) -> dict:
 
 
 class Progress:
-    """A tqdm bar with ETA on the main process; plain lines when stdout is not a terminal."""
+    """A tqdm bar with ETA on the main process; plain lines with the ETA when stderr is not a terminal."""
 
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         self.enabled = enabled
+        self.total, self.start, self.began = total, start, time.monotonic()
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.05,
                             disable=not sys.stderr.isatty())
-        self.total = total
 
     def update(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
+
+    def eta(self, step: int) -> str:
+        done = step - self.start
+        if done <= 0:
+            return "?"
+        seconds = (time.monotonic() - self.began) / done * (self.total - step)
+        hours, rest = divmod(int(seconds), 3600)
+        return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
     def report(self, step: int, text: str) -> None:
         if not self.enabled:
@@ -81,7 +114,7 @@ class Progress:
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(text, refresh=False)
         else:
-            print(f"step {step}/{self.total} {text}", flush=True)
+            print(f"step {step}/{self.total} {text} eta {self.eta(step)}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,145 @@
+"""Experiment files, `--set` overrides and the errors a mistyped key gets."""
+import math
+
+import pytest
+import torch
+import yaml
+
+from train.config import (CONFIG_DIR, Config, from_dict, load_config, parse_override, read_yaml,
+                          resolve_config_path, to_dict)
+from train.engine import check_global_batch, plan
+
+# What each data set gives the network: (classes, input channels, training images).
+DATASET_SHAPES = {"digits": (10, 1, 1262), "svhn": (10, 3, 73257), "cifar10": (10, 3, 50000),
+                  "cifar100": (100, 3, 50000), "imagenet": (1000, 3, 1281167)}
+
+EXPERIMENTS = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.glob("*.yaml"))
+TABLE4_ROWS = {
+    "row1": ["method.meta=false", "method.mixup=false"],
+    "row2": ["method.mixup=false"],
+    "row3": ["method.meta=false"],
+    "row4": [],
+    "labeled_only": ["method.unlabeled=false", "method.meta=false", "method.mixup=false"],
+}
+
+
+def test_every_paper_experiment_has_a_config():
+    expected = {"digits", "convlarge_svhn_1k", "convlarge_cifar10_4k", "convlarge_cifar100_10k",
+                "shakeshake26_cifar10_1k", "shakeshake26_cifar10_2k", "shakeshake26_cifar10_4k",
+                "shakeshake26_cifar100_6k", "shakeshake26_cifar100_8k", "shakeshake26_cifar100_10k",
+                "resnet18_imagenet_10pct"}
+    assert expected <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_config_loads_and_builds_its_model(name):
+    cfg = load_config(name)
+    classes, channels, _ = DATASET_SHAPES[cfg.data.name]
+    net = cfg.model.build(classes, channels)
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == classes
+    first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == channels
+    # Round trip: the resolved config written into a run folder reads back to the same config.
+    assert from_dict(Config, yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
+def test_base_files_load_on_their_own():
+    for path in (CONFIG_DIR / "base").glob("*.yaml"):
+        from_dict(Config, read_yaml(path))
+
+
+def test_the_imagenet_network_runs_one_tiny_batch():
+    cfg = load_config("resnet18_imagenet_10pct")
+    net = cfg.model.build(1000, 3).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("row", sorted(TABLE4_ROWS))
+def test_table4_rows_are_valid_overrides(row):
+    cfg = load_config("convlarge_cifar10_4k", tuple(TABLE4_ROWS[row]))
+    assert (cfg.method.meta, cfg.method.mixup) == {"row1": (False, False), "row2": (True, False),
+                                                  "row3": (False, True), "row4": (True, True),
+                                                  "labeled_only": (False, False)}[row]
+    assert cfg.method.unlabeled == (row != "labeled_only")
+
+
+def test_paper_settings_of_appendix_c():
+    svhn, cifar = load_config("convlarge_svhn_1k"), load_config("shakeshake26_cifar100_8k")
+    for cfg in (svhn, cifar):
+        assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.schedule) == (0.1, 0.9, "step")
+        assert cfg.optim.milestones == [300_000, 350_000] and cfg.train.steps == 400_000
+        assert cfg.data.batch_size == 128 and cfg.train.eval_every == 400
+    assert (svhn.optim.weight_decay, svhn.method.mixup_gamma, svhn.data.name) == (5e-5, 0.1, "svhn")
+    assert (cifar.optim.weight_decay, cifar.method.mixup_gamma, cifar.data.labels) == (1e-4, 1.0, 8000)
+
+
+def test_imagenet_600_epochs_is_about_1_35m_steps_with_5_warmup_epochs():
+    cfg = load_config("resnet18_imagenet_10pct")
+    assert (cfg.data.labels, cfg.data.batch_size, cfg.optim.schedule) == (0.1, 512, "cosine")
+    train_images = DATASET_SHAPES["imagenet"][2]
+    unlabeled = train_images - round(0.1 * train_images)
+    run = plan(cfg, unlabeled)
+    assert run.total_steps == math.ceil(600 * unlabeled / 512)
+    assert 1.34e6 < run.total_steps < 1.36e6
+    assert run.warmup_steps == round(5 * unlabeled / 512)
+
+
+def test_precedence_command_line_over_yaml_over_defaults(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.3\n  momentum: 0.5\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\noptim:\n  lr: 0.2\n")
+    cfg = load_config(str(tmp_path / "top.yaml"), ("optim.momentum=0.7", "train.steps=12"))
+    assert cfg.optim.lr == 0.2  # the file beats its base
+    assert cfg.optim.momentum == 0.7  # the command line beats both
+    assert cfg.train.steps == 12 and cfg.optim.weight_decay == Config().optim.weight_decay  # defaults fill in
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_override("optim.milestones=[10, 20]") == {"optim": {"milestones": [10, 20]}}
+    cfg = load_config("digits", ("train.steps=null", "train.epochs=2.5", "data.root=/some/where"))
+    assert cfg.train.steps is None and cfg.train.epochs == 2.5 and cfg.data.root == "/some/where"
+
+
+@pytest.mark.parametrize("override, suggestion", [("train.step=5", "train.steps"),
+                                                  ("optim.weight_decy=1e-4", "optim.weight_decay"),
+                                                  ("methd.meta=false", "method")])
+def test_unknown_keys_name_the_closest_valid_one(override, suggestion):
+    with pytest.raises(KeyError) as err:
+        load_config("digits", (override,))
+    assert f"did you mean {suggestion!r}" in err.value.args[0]
+
+
+def test_an_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  eval_evry: 10\n")
+    with pytest.raises(KeyError, match="train.eval_every"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+@pytest.mark.parametrize("override, fragment", [("train.steps=abc", "expected int"),
+                                                ("train.precision=fp8", "choose one of"),
+                                                ("method.unlabeled=false", "method.meta=false"),
+                                                ("optim=3", "expected a mapping")])
+def test_bad_values_are_errors_that_say_what_is_allowed(override, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        load_config("digits", (override,))
+
+
+def test_a_mistyped_config_name_suggests_the_known_ones():
+    with pytest.raises(FileNotFoundError, match="convlarge_cifar10_4k"):
+        resolve_config_path("convlarge_cifar10_4")
+
+
+def test_including_files_in_a_loop_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="loop"):
+        read_yaml(tmp_path / "a.yaml")
+
+
+def test_global_batches_must_divide_over_the_processes():
+    cfg = load_config("resnet18_imagenet_10pct")
+    for gpus in (1, 2, 4, 8, 16, 64):
+        check_global_batch(cfg, gpus)  # 512 and 1024 split evenly: the same experiment on any of these
+    with pytest.raises(ValueError, match="GLOBAL batch.*divisible by 3"):
+        check_global_batch(cfg, 3)

@@ -1,0 +1,177 @@
+"""torchrun on one node and on two, a killed worker restarted by --max-restarts, and the labeled
+gradient averaged over ranks before the finite-difference step is taken."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from train.metrics import read_metrics
+
+SETTINGS = ("train.eval_every=10", "train.checkpoint_every=5", "train.log_every=5", "train.progress=false",
+            "train.tensorboard=false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def train_cmd(out, steps) -> list[str]:
+    return ["-m", "train", "digits", "--out", str(out), "--set", f"train.steps={steps}", *SETTINGS]
+
+
+def assert_ranks_agree_and_experiment_unchanged(out, steps, world_size):
+    final = json.loads((out / "final.json").read_text())
+    assert final["world_size"] == world_size and final["steps"] == steps
+    assert len(final["weights_sha256_per_rank"]) == world_size
+    assert len(set(final["weights_sha256_per_rank"])) == 1  # every rank holds the same weights
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    from train.checkpoint import fingerprint
+
+    assert fingerprint(state["model"]) == final["weights_sha256"]  # ... and they are the ones saved
+    # The global batch stays 32 whatever the process count: as many unlabeled images per step as one process.
+    split = json.loads((out / "labeled_split.json").read_text())
+    assert final["epochs"] == pytest.approx(steps * 32 / (split["train_size"] - split["num_labeled"]), abs=1e-4)
+    assert len(state["rng"]) == world_size
+    # Each rank tests its share; the counts are summed, so every test image is counted once.
+    from pipelines.sources import load_digits_arrays
+
+    test_size = len(load_digits_arrays().test_labels)
+    assert {r["test_images"] for r in read_metrics(out, "eval")} == {test_size}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_survive_a_killed_worker_and_end_with_equal_weights(tmp_path, subprocess_env):
+    out, steps = tmp_path / "run", 60
+    cmd = torchrun("--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
+                   f"--master-port={free_port()}", *train_cmd(out, steps))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] >= 10 for r in read_metrics(out, "train")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.01)
+        worker = json.loads((out / "runs.jsonl").read_text().splitlines()[0])["pid"]
+        os.kill(worker, signal.SIGKILL)  # rank 0 dies; torchrun restarts both workers
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    starts = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [s["restart"] for s in starts] == [0, 1]
+    assert 5 <= starts[1]["resumed_from_step"] < steps
+    assert [r["step"] for r in read_metrics(out, "train")] == list(range(5, steps + 1, 5))  # no step lost or doubled
+    assert_ranks_agree_and_experiment_unchanged(out, steps, 2)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_meet_at_one_rendezvous(tmp_path, subprocess_env):
+    out, steps, port = tmp_path / "run", 20, free_port()
+    node = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=two-nodes", *train_cmd(out, steps))
+    procs = [subprocess.Popen(node, cwd=tmp_path, env=subprocess_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(log[-2000:] for log in logs)
+    assert_ranks_agree_and_experiment_unchanged(out, steps, 2)
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from model import build_model
+    from train import distributed as D
+    from train.meta import meta_targets
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).double().eval()
+    x_l, y_l, x_u = torch.randn(8, 1, 8, 8).double(), torch.randint(0, 10, (8,)), torch.randn(6, 1, 8, 8).double()
+    mine = slice(4 * rank, 4 * rank + 4)
+    out = meta_targets(net, x_l[mine], y_l[mine], x_u, estimator="fd", eps=0.01,
+                       reduce_grad=lambda g: D.average_grads(g, 2))
+    torch.save({"jg": out.jg, "grad_norm": out.grad_norm}, f"{sys.argv[1]}/rank{rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_the_labeled_gradient_is_averaged_over_ranks_before_epsilon(tmp_path, subprocess_env):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(subprocess_env, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+
+    from model import build_model
+    from train.meta import meta_targets
+
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).double().eval()
+    x_l, y_l, x_u = torch.randn(8, 1, 8, 8).double(), torch.randint(0, 10, (8,)), torch.randn(6, 1, 8, 8).double()
+    whole = meta_targets(net, x_l, y_l, x_u, estimator="fd", eps=0.01)  # g of the global labeled batch
+    half = meta_targets(net, x_l[:4], y_l[:4], x_u, estimator="fd", eps=0.01)  # what a rank alone would use
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(got["grad_norm"], whole.grad_norm, rtol=1e-10)
+        assert torch.allclose(got["jg"], whole.jg, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(half.jg, whole.jg, rtol=1e-2)  # a per-rank g would be told apart
+
+
+def test_workers_of_a_restart_agree_on_a_fresh_name_despite_a_stale_one(tmp_path):
+    """Ranks 1 and 2 start before rank 0 and first read the name a dead attempt left in the store."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from train.distributed import agree_on_attempt
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server.set("mgssl/attempt", "dead-attempt")
+    server.set("mgssl/dead-attempt/go/anything", "1")
+    names, errors = {}, []
+
+    def worker(rank):
+        try:
+            client = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=60))
+            names[rank] = agree_on_attempt(client, rank, 3, timeout=timedelta(seconds=60),
+                                           retry=timedelta(milliseconds=200))
+        except Exception as e:  # reported below, with the rank
+            errors.append((rank, e))
+
+    threads = {r: threading.Thread(target=worker, args=(r,)) for r in range(3)}
+    threads[1].start()
+    threads[2].start()
+    time.sleep(0.5)  # both have read the stale name and are waiting for a confirmation that never comes
+    threads[0].start()
+    for t in threads.values():
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(set(names.values())) == 1 and names[0] != "dead-attempt" and len(names) == 3
