@@ -128,24 +128,49 @@ def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[
 # The three estimators of J·g
 
 
-def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint):
+def perturbed_parameters(params: list[torch.Tensor], g: list[torch.Tensor], step_size: torch.Tensor):
+    """θ + εg and θ − εg for every tensor at once: three multi-tensor (foreach) kernels, whatever the
+    number of parameters, and out of place, so the model's own parameters are never written."""
+    step = torch._foreach_mul(g, step_size)
+    return torch._foreach_add(params, step), torch._foreach_sub(params, step)
+
+
+def batched_probs(model, names, param_sets, buffers, x):
+    """p(x; θ_k) for several parameter sets in one vmapped call, shape (K, B, C).
+
+    Convolutions then run once over K weight sets (as grouped convolutions) instead of K times.
+    Only for passes without randomness (eval mode): vmap would draw dropout masks differently from
+    the sequential passes."""
+    stacked = [torch.stack(tensors) for tensors in zip(*param_sets)]
+
+    def probs_at(flat_params):
+        return _probs(_call(model, names, flat_params, buffers, x))
+
+    return torch.vmap(probs_at, randomness="error")(stacked)
+
+
+def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint, batched):
     gnorm = _global_norm(g)
     step_size = eps / gnorm  # ε: the parameters move by `eps` in L2 norm
-    step = torch._foreach_mul(g, step_size)
-    plus = torch._foreach_add(params, step)
-    minus = torch._foreach_sub(params, step)
+    plus, minus = perturbed_parameters(params, g, step_size)
     precision = _full_precision(x_u.device) if full_precision else nullcontext()
     x = _fp32_or_wider(x_u) if full_precision else x_u
-    replay = _rng_replayer(model, x_u.device)
     with torch.no_grad(), precision:
-        p_plus = _probs(_call(model, names, plus, buffers, x))
-        replay()
-        p_minus = _probs(_call(model, names, minus, buffers, x))
-        if midpoint:
-            center = 0.5 * (p_plus + p_minus)  # p(θ) + O(ε²): saves the forward at θ
+        if batched and not model.training:
+            sets = [plus, minus] if midpoint else [plus, minus, params]
+            probs = batched_probs(model, names, sets, buffers, x)
+            p_plus, p_minus = probs[0], probs[1]
+            center = 0.5 * (p_plus + p_minus) if midpoint else probs[2]
         else:
+            replay = _rng_replayer(model, x_u.device)
+            p_plus = _probs(_call(model, names, plus, buffers, x))
             replay()
-            center = _probs(_call(model, names, params, buffers, x))
+            p_minus = _probs(_call(model, names, minus, buffers, x))
+            if midpoint:
+                center = 0.5 * (p_plus + p_minus)  # p(θ) + O(ε²): saves the forward at θ
+            else:
+                replay()
+                center = _probs(_call(model, names, params, buffers, x))
     jg = (p_plus - p_minus) / (2 * step_size)
     return center, jg, gnorm
 
@@ -222,6 +247,7 @@ def meta_targets(
     reduce_grad: Optional[GradReducer] = None,
     fd_full_precision: bool = True,
     fd_midpoint: bool = False,
+    fd_batched: bool = False,
 ) -> MetaTargets:
     """ỹ = p(x_u; θ) and J_θ p(x_u; θ)·g, the two things one meta step needs.
 
@@ -236,7 +262,8 @@ def meta_targets(
         else:
             g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad)
             if estimator == "fd":
-                center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint)
+                center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint,
+                                         fd_batched)
             else:
                 center, jg, gnorm = _jvp(model, names, params, buffers, g, x_u)
     return MetaTargets(center, jg, gnorm)
