@@ -86,7 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which meta+mixup row gives pairs_per_s and ratio (both are timed)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on for cuda, off for cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network, as train.compile=true does")
+    p.add_argument("--fd-batched", action="store_true",
+                   help="fd's eval-mode passes as one vmapped call (train_step(fd_batched=True))")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's train-mode forwards and the meta part's passes")
     p.add_argument("--image-size", type=int, default=None, help="override the image side (e.g. 224 for resnet18)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -266,7 +268,7 @@ def summary(args, device, times, flops, peak, peak_source, memory, fid) -> dict:
         "model": args.model, "device": args.device, "device_name": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "precision": args.precision, "estimator": args.estimator, "batch_size": args.batch_size,
-        "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "channels_last": args.channels_last,
+        "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "fd_batched": args.fd_batched, "channels_last": args.channels_last,
         "image_size": args.image_size, "torch": torch.__version__, "commit": git_commit(),
         "median_ms": median,
         "pairs_per_s": args.batch_size / (meta / 1e3),
@@ -328,7 +330,8 @@ def main(argv=None) -> dict:
     def step_of(method: MethodConfig) -> Callable[[], None]:
         def step():
             train_step(forwards, net, optimizer, batch, method=method, num_classes=classes, lr=0.01,
-                       consistency_weight=1.0, precision=args.precision, scaler=scaler)
+                       consistency_weight=1.0, precision=args.precision, scaler=scaler,
+                       fd_batched=args.fd_batched, compile_meta=args.compile)
         return step
 
     rows = variants(args.estimator)
