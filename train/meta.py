@@ -115,10 +115,21 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 # The labeled gradient g
 
 
-def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None):
+def _labeled_loss(model, names, params, buffers, x_l, y_l):
+    return F.cross_entropy(_fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
+
+
+def _maybe_compiled(fn, compiled: bool):
+    # torch.compile caches its graphs on the function's code object: wrapping again each step
+    # reuses them and recompiles only when the guards (shapes, dtypes, modes) change.
+    return torch.compile(fn) if compiled else fn
+
+
+def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
+                 compiled: bool = False):
     """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2)."""
     with torch.enable_grad():
-        loss = F.cross_entropy(_fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
+        loss = _maybe_compiled(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
     return reduce_grad(grads) if reduce_grad is not None else grads
@@ -128,16 +139,37 @@ def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[
 # The three estimators of J·g
 
 
-def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint):
+def perturbed_parameters(params: list[torch.Tensor], g: list[torch.Tensor], step_size: torch.Tensor):
+    """θ + εg and θ − εg for every tensor at once: three multi-tensor (foreach) kernels, whatever the
+    number of parameters, and out of place, so the model's own parameters are never written."""
+    step = torch._foreach_mul(g, step_size)
+    return torch._foreach_add(params, step), torch._foreach_sub(params, step)
+
+
+def batched_probs(model, names, param_sets, buffers, x):
+    """p(x; θ_k) for several parameter sets in one vmapped call, shape (K, B, C).
+
+    Convolutions then run once over K weight sets (as grouped convolutions) instead of K times.
+    Only for passes without randomness (eval mode): vmap would draw dropout masks differently from
+    the sequential passes."""
+    stacked = [torch.stack(tensors) for tensors in zip(*param_sets)]
+
+    def probs_at(flat_params):
+        return _probs(_call(model, names, flat_params, buffers, x))
+
+    return torch.vmap(probs_at, randomness="error")(stacked)
+
+
+def _fd_passes(model, names, params, buffers, g, x, eps, midpoint, batched, replay):
     gnorm = _global_norm(g)
     step_size = eps / gnorm  # ε: the parameters move by `eps` in L2 norm
-    step = torch._foreach_mul(g, step_size)
-    plus = torch._foreach_add(params, step)
-    minus = torch._foreach_sub(params, step)
-    precision = _full_precision(x_u.device) if full_precision else nullcontext()
-    x = _fp32_or_wider(x_u) if full_precision else x_u
-    replay = _rng_replayer(model, x_u.device)
-    with torch.no_grad(), precision:
+    plus, minus = perturbed_parameters(params, g, step_size)
+    if batched and not model.training:
+        sets = [plus, minus] if midpoint else [plus, minus, params]
+        probs = batched_probs(model, names, sets, buffers, x)
+        p_plus, p_minus = probs[0], probs[1]
+        center = 0.5 * (p_plus + p_minus) if midpoint else probs[2]
+    else:
         p_plus = _probs(_call(model, names, plus, buffers, x))
         replay()
         p_minus = _probs(_call(model, names, minus, buffers, x))
@@ -148,6 +180,15 @@ def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint):
             center = _probs(_call(model, names, params, buffers, x))
     jg = (p_plus - p_minus) / (2 * step_size)
     return center, jg, gnorm
+
+
+def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint, batched, compiled):
+    precision = _full_precision(x_u.device) if full_precision else nullcontext()
+    x = _fp32_or_wider(x_u) if full_precision else x_u
+    replay = _rng_replayer(model, x_u.device)
+    with torch.no_grad(), precision:
+        return _maybe_compiled(_fd_passes, compiled)(model, names, params, buffers, g, x, eps, midpoint, batched,
+                                                     replay)
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -222,11 +263,16 @@ def meta_targets(
     reduce_grad: Optional[GradReducer] = None,
     fd_full_precision: bool = True,
     fd_midpoint: bool = False,
+    fd_batched: bool = False,
+    compiled: bool = False,
 ) -> MetaTargets:
     """ỹ = p(x_u; θ) and J_θ p(x_u; θ)·g, the two things one meta step needs.
 
     `model` must be the plain module (not a DistributedDataParallel wrapper): the passes here need
-    no gradient synchronisation; `reduce_grad` all-reduces g instead."""
+    no gradient synchronisation; `reduce_grad` all-reduces g instead.
+
+    fd_batched: fd's eval-mode passes as one vmapped call (`batched_probs`); train mode ignores it.
+    compiled: run the labeled forward, the fd passes or the jvp pass through torch.compile."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     names, params, buffers = _state(model)
@@ -234,11 +280,12 @@ def meta_targets(
         if estimator == "exact":
             center, jg, gnorm = _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad)
         else:
-            g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad)
+            g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad, compiled=compiled)
             if estimator == "fd":
-                center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint)
+                center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint,
+                                         fd_batched, compiled)
             else:
-                center, jg, gnorm = _jvp(model, names, params, buffers, g, x_u)
+                center, jg, gnorm = _maybe_compiled(_jvp, compiled)(model, names, params, buffers, g, x_u)
     return MetaTargets(center, jg, gnorm)
 
 

@@ -45,7 +45,8 @@ def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_
 
 
 def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, lr: float, autocast,
-                  reduce_grad: Optional[GradReducer], world_size: int) -> tuple[torch.Tensor, dict]:
+                  reduce_grad: Optional[GradReducer], world_size: int, fd_batched: bool = False,
+                  compile_meta: bool = False) -> tuple[torch.Tensor, dict]:
     """ŷ for the unlabeled batch: the network's prediction ỹ, moved by the meta-gradient when
     method.meta (with meta off, ŷ = ỹ and everything else is unchanged)."""
     was_training = meta_net.training
@@ -55,7 +56,8 @@ def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, l
             if method.meta:
                 out = meta_targets(meta_net, x_l, y_l, x_u, estimator=method.estimator, eps=method.eps,
                                    reduce_grad=reduce_grad, fd_full_precision=method.fd_full_precision,
-                                   fd_midpoint=method.fd_midpoint)
+                                   fd_midpoint=method.fd_midpoint, fd_batched=fd_batched,
+                                   compiled=compile_meta)
                 y_tilde = out.pseudo_labels
                 y_hat = update_pseudo_labels(y_tilde, pseudo_label_step(out.jg, lr, method, x_u.shape[0] * world_size))
                 stats = {"pseudo_label_shift": (y_hat - y_tilde).abs().sum(dim=1).mean(),
@@ -84,11 +86,16 @@ def train_step(
     reduce_grad: Optional[GradReducer] = None,
     world_size: int = 1,
     before_backward: Optional[Callable[[torch.Tensor], None]] = None,
+    fd_batched: bool = False,
+    compile_meta: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One step of SGD on labeled batch (x_l, y_l) and unlabeled batch x_u.
 
     forwards: SeparateForwards around the network (wrapped in DDP under torchrun), in train mode.
     meta_net: the plain network, for the meta part (no gradient synchronisation needed there).
+    fd_batched: run fd's eval-mode passes as one vmapped call (see train.meta.batched_probs); off by
+    default because on the CPU the grouped convolutions it makes are slower (docs/PERF.md).
+    compile_meta: torch.compile the meta part's passes (pass it with a compiled `forwards`).
     Returns detached scalar tensors for logging."""
     x_l, y_l, x_u = batch
     device = x_l.device
@@ -97,7 +104,8 @@ def train_step(
 
     if method.unlabeled:
         y_hat, stats = pseudo_labels(meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
-                                     reduce_grad=reduce_grad, world_size=world_size)
+                                     reduce_grad=reduce_grad, world_size=world_size, fd_batched=fd_batched,
+                                     compile_meta=compile_meta)
 
     with autocast:
         if not method.unlabeled:

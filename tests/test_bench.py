@@ -1,0 +1,86 @@
+"""The throughput benchmark end to end, and the fused perturbed forwards it measures."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import build_model
+from train.meta import batched_probs, meta_targets, perturbed_parameters
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_and_reports_json(repo_root, subprocess_env):
+    cmd = [sys.executable, "-m", "tools.bench", "--model", "digits_cnn", "--device", "cpu", "--batch-size", "8",
+           "--steps", "2", "--warmup", "1", "--threads", "1", "--json"]
+    out = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "supervised" in out.stdout and "meta+mixup jvp" in out.stdout  # the table
+    s = json.loads(lines[-1])
+    assert set(s["median_ms"]) == {"supervised", "mixup", "meta+mixup fd", "meta+mixup jvp"}
+    assert s["ratio"] == s["ratio_fd"] > 1 and s["ratio_jvp"] > 1
+    assert 0 < s["pairs_per_s"] < s["supervised_pairs_per_s"]
+    assert s["pairs_per_s"] == pytest.approx(8 * s["steps_per_s"])
+    # DESIGN §3: meta+mixup is about 12 forwards per pair against 3 for the supervised step.
+    flops = s["gflop_per_step"]
+    assert 3.5 < flops["meta+mixup fd"] / flops["supervised"] < 4.5
+    assert flops["meta+mixup jvp"] == pytest.approx(flops["meta+mixup fd"], rel=0.2)
+    assert s["peak_tflops"] > 0 and 0 < s["mfu_meta"] < 1
+    assert s["peak_memory_mb"]["process"] > 0
+    assert s["fidelity_cosine"]["fd"] > 0.999 and s["fidelity_cosine"]["jvp"] > 0.9999
+    assert s["fidelity_cosine_meta"] == s["fidelity_cosine"]["fd"]
+
+
+def test_foreach_perturbed_sets_equal_the_per_parameter_reference():
+    torch.manual_seed(0)
+    params = list(build_model("digits_cnn", 10, 1).parameters())
+    g = [torch.randn_like(p) for p in params]
+    step = torch.tensor(0.01) / torch.linalg.vector_norm(torch.cat([x.flatten() for x in g]))
+    before = [p.detach().clone() for p in params]
+    plus, minus = perturbed_parameters(params, g, step)
+    for p, gi, pp, pm, b in zip(params, g, plus, minus, before):
+        assert torch.equal(pp, p + gi * step) and torch.equal(pm, p - gi * step)
+        assert torch.equal(p, b)  # out of place: the model's parameters are not written
+    assert any(not torch.equal(pp, p) for pp, p in zip(plus, params))
+
+
+def test_batched_passes_equal_the_sequential_ones():
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, 1).double()
+    model(torch.randn(16, 1, 8, 8, dtype=torch.float64))  # non-trivial running statistics
+    model.eval()
+    names, params = zip(*model.named_parameters())
+    buffers = dict(model.named_buffers())
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    g = [torch.randn_like(p) for p in params]
+    plus, minus = perturbed_parameters(list(params), g, torch.tensor(0.1, dtype=torch.float64))
+    with torch.no_grad():
+        batched = batched_probs(model, list(names), [plus, minus, list(params)], buffers, x)
+        sequential = [torch.softmax(torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers},), (x,)), 1)
+                      for ps in (plus, minus, params)]
+    assert batched.shape == (3, 6, 10)
+    for k in range(3):
+        assert torch.allclose(batched[k], sequential[k], rtol=0, atol=1e-13)
+    assert not torch.allclose(batched[0], batched[1])  # the sets really differ
+
+
+@pytest.mark.parametrize("midpoint", [False, True])
+def test_batched_fd_equals_sequential_fd_and_leaves_the_model_unchanged(midpoint):
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, 1).double()
+    model(torch.randn(16, 1, 8, 8, dtype=torch.float64))
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen),
+             torch.randn(5, 1, 8, 8, generator=gen, dtype=torch.float64))
+    seq = meta_targets(model, *batch, estimator="fd", fd_midpoint=midpoint)
+    bat = meta_targets(model, *batch, estimator="fd", fd_midpoint=midpoint, fd_batched=True)
+    assert torch.allclose(bat.jg, seq.jg, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(bat.pseudo_labels, seq.pseudo_labels, rtol=0, atol=1e-13)
+    assert torch.equal(bat.grad_norm, seq.grad_norm)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
