@@ -291,7 +291,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         stats = train_step(forwards, net, optimizer, batch, method=cfg.method,
                            num_classes=data.num_classes, lr=lr, consistency_weight=weight,
                            precision=cfg.train.precision, scaler=scaler, reduce_grad=reduce_grad,
-                           world_size=d.world_size, before_backward=track_finite)
+                           world_size=d.world_size, before_backward=track_finite,
+                           compile_meta=cfg.train.compile)
         for k, v in stats.items():
             sums[k] = sums[k] + v.float() if k in sums else v.float()
         count += 1
