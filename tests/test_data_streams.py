@@ -1,6 +1,5 @@
 """Index streams and in-memory paired batches: coverage per epoch, per-rank shards, exact resume,
 and the augmentation done on the device."""
-import numpy as np
 import pytest
 import torch
 

@@ -20,11 +20,9 @@ With --json the last line printed is one JSON object (keys in `summary()`).
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +35,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import build_model
-from train.config import MethodConfig
+from train.config import MethodConfig, OptimConfig
+from train.engine import build_optimizer, git_commit
 from train.meta import pseudo_label_grad
 from train.step import SeparateForwards, autocast_for, train_step
 
@@ -114,12 +113,6 @@ def synthetic_batch(classes, channels, side, batch, device, channels_last, gener
     x_u = torch.randn(batch, channels, side, side, generator=generator).to(device, memory_format=fmt)
     y_l = torch.randint(0, classes, (batch,), generator=generator).to(device)
     return x_l, y_l, x_u
-
-
-def make_optimizer(net: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    # The trainer's default: fused SGD on the GPU, foreach on the CPU.
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, **kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,17 +239,6 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def summary(args, device, times, flops, peak, peak_source, memory, fid) -> dict:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     sup, meta = median["supervised"], median[f"meta+mixup {args.estimator}"]
@@ -269,7 +251,7 @@ def summary(args, device, times, flops, peak, peak_source, memory, fid) -> dict:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "precision": args.precision, "estimator": args.estimator, "batch_size": args.batch_size,
         "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "fd_batched": args.fd_batched, "channels_last": args.channels_last,
-        "image_size": args.image_size, "torch": torch.__version__, "commit": git_commit(),
+        "image_size": args.image_size, "torch": torch.__version__, "commit": git_commit(length=12),
         "median_ms": median,
         "pairs_per_s": args.batch_size / (meta / 1e3),
         "steps_per_s": 1e3 / meta,
@@ -321,7 +303,7 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
 
     net = build_model(args.model, classes, channels, channels_last=args.channels_last).to(device).train()
-    optimizer = make_optimizer(net, device)
+    optimizer = build_optimizer(net, OptimConfig(lr=0.01), device)  # the trainer's own SGD kernel choice
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     forwards = SeparateForwards(torch.compile(net) if args.compile else net)
     gen = torch.Generator().manual_seed(args.seed)

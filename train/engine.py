@@ -20,7 +20,7 @@ import yaml
 from pipelines import build_data
 from train import checkpoint as ckpt
 from train import distributed as D
-from train.config import Config, config_diff, to_dict
+from train.config import Config, OptimConfig, config_diff, to_dict
 from train.evaluate import error_counts, errors_from_counts
 from train.metrics import MetricsLog, Progress, summarize_evals
 from train.schedule import consistency_weight, learning_rate
@@ -40,10 +40,14 @@ class RanksDivergedError(RuntimeError):
     pass
 
 
-def git_commit() -> str:
+def git_commit(length: Optional[int] = None) -> str:
+    """The checkout's commit hash (its first `length` characters if given), "-dirty" when tracked files
+    have changed since, or "unknown" outside a git checkout."""
     here = Path(__file__).resolve().parent.parent
+    short = [f"--short={length}"] if length else []
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", *short, "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
@@ -51,14 +55,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_optimizer(net: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(net: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """torch's SGD with one kernel for all tensors: fused on GPUs, foreach elsewhere."""
-    impl = cfg.optim.implementation
+    impl = optim.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.SGD(net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay, **kwargs)
+    return torch.optim.SGD(net.parameters(), lr=optim.lr, momentum=optim.momentum,
+                           nesterov=optim.nesterov, weight_decay=optim.weight_decay, **kwargs)
 
 
 def check_global_batch(cfg: Config, world_size: int) -> None:
@@ -185,7 +189,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
     net = cfg.model.build(data.num_classes, data.in_channels).to(device)
     if cfg.train.sync_bn and d.enabled:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    optimizer = build_optimizer(net, cfg, device)
+    optimizer = build_optimizer(net, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     forwards: nn.Module = SeparateForwards(torch.compile(net) if cfg.train.compile else net)
     if d.enabled:
