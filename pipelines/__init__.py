@@ -27,6 +27,14 @@ def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, run_dir:
     return split
 
 
+def check_global_batch(cfg: DataConfig, world_size: int) -> None:
+    """Batch sizes are global: a process count that does not divide them would change the experiment."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is the GLOBAL batch, summed over all {world_size} "
+                         f"processes, and must be divisible by {world_size}; change the process count, or set "
+                         f"data.batch_size to a multiple of {world_size} (which changes the experiment)")
+
+
 def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size: int = 1,
                run_dir: Optional[Path] = None):
     """The data of one run on one rank. Rank 0 saves the labeled split into `run_dir`.
@@ -34,9 +42,7 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
     The result has `.train` (endless (x_l, y_l, x_u) with state_dict/load_state_dict and
     unlabeled_epoch), `.eval_batches(subset)`, `.num_classes`, `.in_channels`, `.unlabeled_size`
     and `.split`, whichever pipeline serves the data set."""
-    if cfg.batch_size % world_size:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch and must be divisible by the "
-                         f"{world_size} processes; pick a multiple of {world_size}")
+    check_global_batch(cfg, world_size)
     if cfg.name == "imagenet":
         from pipelines.folders import load_image_folders
         from pipelines.imagenet import ImageFolderData
@@ -78,4 +84,4 @@ def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, rank: i
     return split
 
 
-__all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "resolve_split", "SPLIT_FILE"]
+__all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "check_global_batch", "resolve_split", "SPLIT_FILE"]

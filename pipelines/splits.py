@@ -61,9 +61,10 @@ def balanced_split(labels: np.ndarray, num_classes: int, request: Union[int, flo
     counts = per_class_counts(labels, num_classes, request)
     rng = np.random.default_rng(seed)
     by_class = np.argsort(labels, kind="stable")  # indices grouped by class, ascending within each
-    ends = np.cumsum(np.bincount(labels, minlength=num_classes))
+    sizes = np.bincount(labels, minlength=num_classes)
+    ends = np.cumsum(sizes)
     chosen = [rng.choice(by_class[end - n:end], size=counts[c], replace=False)
-              for c, (end, n) in enumerate(zip(ends, np.bincount(labels, minlength=num_classes)))]
+              for c, (end, n) in enumerate(zip(ends, sizes))]
     return LabelSplit(dataset, len(labels), seed, np.sort(np.concatenate(chosen)).astype(np.int64))
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import yaml
 
+from pipelines import check_global_batch
 from train.config import (CONFIG_DIR, Config, from_dict, load_config, parse_override, read_yaml,
                           resolve_config_path, to_dict)
-from train.engine import check_global_batch, plan
+from train.engine import plan
 
 # What each data set gives the network: (classes, input channels, training images).
 DATASET_SHAPES = {"digits": (10, 1, 1262), "svhn": (10, 3, 73257), "cifar10": (10, 3, 50000),
@@ -140,6 +141,6 @@ def test_including_files_in_a_loop_is_an_error(tmp_path):
 def test_global_batches_must_divide_over_the_processes():
     cfg = load_config("resnet18_imagenet_10pct")
     for gpus in (1, 2, 4, 8, 16, 64):
-        check_global_batch(cfg, gpus)  # 512 and 1024 split evenly: the same experiment on any of these
+        check_global_batch(cfg.data, gpus)  # 512 and 1024 split evenly: the same experiment on any of these
     with pytest.raises(ValueError, match="GLOBAL batch.*divisible by 3"):
-        check_global_batch(cfg, 3)
+        check_global_batch(cfg.data, 3)

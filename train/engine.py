@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from pipelines import build_data
+from pipelines import build_data, check_global_batch
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, OptimConfig, config_diff, to_dict
@@ -63,14 +63,6 @@ def build_optimizer(net: nn.Module, optim: OptimConfig, device: torch.device) ->
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.SGD(net.parameters(), lr=optim.lr, momentum=optim.momentum,
                            nesterov=optim.nesterov, weight_decay=optim.weight_decay, **kwargs)
-
-
-def check_global_batch(cfg: Config, world_size: int) -> None:
-    """Batch sizes are global: a GPU count that does not divide them would change the experiment."""
-    if cfg.data.batch_size % world_size:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch, summed over all {world_size} "
-                         f"processes, and must be divisible by {world_size}; change the process count, or set "
-                         f"data.batch_size to a multiple of {world_size} (which changes the experiment)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +147,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list
     """Train `cfg` into `run_dir`; returns the final summary (also written to final.json)."""
     d = D.setup(cfg.train.device)
     try:
-        check_global_batch(cfg, d.world_size)
+        check_global_batch(cfg.data, d.world_size)  # before the run folder is touched
         if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
             raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
                              "set train.sync_bn=false for CPU runs")
