@@ -82,11 +82,11 @@ class ShakeBlock(nn.Module):
 
 
 class ShakeShake26(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 96, blocks: int = 4):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, channels: int = 96, blocks: int = 4):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         layers, c_in = [], 16
-        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+        for stage, c_out in enumerate((channels, 2 * channels, 4 * channels)):
             for i in range(blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 layers.append(ShakeBlock(c_in, c_out, stride))

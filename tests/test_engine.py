@@ -21,20 +21,22 @@ def digits(*overrides):
     return load_config("digits", SHORT + tuple(overrides))
 
 
-def test_step_schedule_divides_by_ten_at_each_milestone_after_warmup():
+def test_step_schedule_follows_the_authors_warmup_and_milestones():
+    # Their code: lr = lr_max·step/warmup during warm-up (0 at step 0), ×0.1 once step > milestone.
     cfg = OptimConfig(lr=0.1, schedule="step", milestones=[300_000, 350_000], gamma=0.1)
-    lr = [learning_rate(s, cfg, 400_000, 4000) for s in (0, 1999, 3999, 4000, 299_999, 300_000, 349_999, 350_000,
-                                                         399_999)]
-    assert lr[0] == pytest.approx(0.1 / 4000) and lr[1] == pytest.approx(0.05) and lr[2] == pytest.approx(0.1)
-    assert lr[3:5] == [0.1, 0.1]
-    assert lr[5:7] == pytest.approx([0.01, 0.01]) and lr[7:] == pytest.approx([0.001, 0.001])
+    steps = (0, 1, 2000, 3999, 4000, 300_000, 300_001, 350_000, 350_001, 399_999)
+    lr = [learning_rate(s, cfg, 400_000, 4000) for s in steps]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(0.1 / 4000) and lr[2] == pytest.approx(0.05)
+    assert lr[3] == pytest.approx(0.1 * 3999 / 4000)
+    assert lr[4:6] == [0.1, 0.1]  # milestone 300k applies after step 300k, not at it
+    assert lr[6:8] == pytest.approx([0.01, 0.01]) and lr[8:] == pytest.approx([0.001, 0.001])
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     cfg = OptimConfig(lr=0.1, schedule="cosine")
     total, warm = 1000, 100
     lrs = [learning_rate(s, cfg, total, warm) for s in range(total)]
-    assert lrs[warm - 1] == pytest.approx(0.1) and lrs[warm] == pytest.approx(0.1)
+    assert lrs[0] == 0.0 and lrs[warm - 1] == pytest.approx(0.1 * 99 / 100) and lrs[warm] == pytest.approx(0.1)
     assert lrs[warm + 450] == pytest.approx(0.05)  # half way through the decay
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:])) and lrs[-1] < 1e-5
 

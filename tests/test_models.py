@@ -64,3 +64,21 @@ def test_shake_shake_gates_are_random_in_training_and_half_in_evaluation():
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ValueError, match="convlarge"):
         build_model("vgg", 10)
+
+
+def test_conv_large_width_scales_every_layer_and_width_one_is_the_paper_network():
+    paper = build_model("convlarge", 10, 3)
+    quarter = build_model("convlarge", 10, 3, width=0.25, dropout=0.2)
+    assert sum(p.numel() for p in build_model("convlarge", 10, 3, width=1.0).parameters()) == \
+        sum(p.numel() for p in paper.parameters())
+    widths = [m.out_channels for m in quarter.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [c // 4 for c in (m.out_channels for m in paper.modules() if isinstance(m, torch.nn.Conv2d))]
+    assert {m.p for m in quarter.modules() if isinstance(m, torch.nn.Dropout2d)} == {0.2}
+    assert quarter(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_model_option_the_network_lacks_is_refused_by_name():
+    with pytest.raises(ValueError, match="model.width is not an option of resnet18"):
+        build_model("resnet18", 10, 3, width=0.5)
+    with pytest.raises(ValueError, match="model.dropout=1.5"):
+        build_model("convlarge", 10, 3, dropout=1.5)

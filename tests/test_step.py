@@ -10,7 +10,7 @@ from model import build_model
 from train.config import MethodConfig
 from train.losses import consistency_mse, mixup_pairs, update_pseudo_labels
 from train.meta import pseudo_label_grad
-from train.step import SeparateForwards, pseudo_label_step, pseudo_labels, train_step
+from train.step import SeparateForwards, mixup_ratios, pseudo_label_step, pseudo_labels, train_step
 
 
 def small_net(classes=4):
@@ -143,3 +143,75 @@ def test_meta_on_moves_the_pseudo_labels_by_the_meta_gradient():
     assert shift > 1e-4
     assert torch.allclose(stats["pseudo_label_shift"], shift, rtol=1e-5)
     assert torch.allclose(on.sum(1), torch.ones(8))
+
+
+def test_mixup_ratios_are_the_beta_draws_of_torch_distributions():
+    for gamma in (1.0, 0.1):
+        torch.manual_seed(5)
+        expected = torch.distributions.Beta(torch.tensor(gamma), torch.tensor(gamma)).sample((32,))
+        after_expected = torch.rand(3)
+        torch.manual_seed(5)
+        assert torch.equal(mixup_ratios(gamma, 32, torch.device("cpu")), expected)
+        assert torch.equal(torch.rand(3), after_expected)  # the random stream moves on alike
+
+
+def authors_mixup_baseline_step(net, opt, batch, lr, num_classes=10):
+    """The authors' mixup-only baseline written out: eval-mode predictions as the unlabeled targets,
+    per-pair λ ~ Beta(1, 1), one train-mode forward of the mixed batch, KL loss, no consistency term."""
+    x_l, y_l, x_u = batch
+    net.eval()
+    with torch.no_grad():
+        y_u = torch.softmax(net(x_u), dim=1)
+    net.train()
+    lam = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0)).sample((x_l.shape[0],)).double()
+    lx = lam.view(-1, 1, 1, 1)
+    x = lx * x_l + (1 - lx) * x_u
+    y = lam.view(-1, 1) * F.one_hot(y_l, num_classes).to(y_u.dtype) + (1 - lam.view(-1, 1)) * y_u
+    loss = F.kl_div(F.log_softmax(net(x), dim=1), y, reduction="batchmean")
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_zero_consistency_weight_without_meta_is_the_authors_mixup_baseline():
+    # With weight 0 the unlabeled batch gets no train-mode forward, so its batch statistics do not
+    # reach BatchNorm's running averages: the step is the authors' mixup-only baseline, float for float.
+    torch.manual_seed(0)
+    ours = build_model("digits_cnn", 10, 1).double().train()
+    theirs = copy.deepcopy(ours)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    method = MethodConfig(meta=False, mixup=True, consistency_weight=0.0)
+    for step in range(3):
+        batch = tuple(t.double() if t.is_floating_point() else t for t in digits_batch(seed=step))
+        torch.manual_seed(100 + step)
+        stats = train_step(SeparateForwards(ours), ours, opt_ours, batch, method=method, num_classes=10, lr=0.1,
+                           consistency_weight=0.0)
+        torch.manual_seed(100 + step)
+        authors_mixup_baseline_step(theirs, opt_theirs, batch, lr=0.1)
+        assert "loss_consistency" not in stats
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), name  # running statistics included
+
+
+def test_a_float64_step_computes_its_losses_in_float64():
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).double().train()
+    x_l, y_l, x_u = (t.double() if t.is_floating_point() else t for t in digits_batch())
+    for row in ROWS.values():
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        stats = train_step(SeparateForwards(net), net, opt, (x_l, y_l, x_u), method=MethodConfig(**row),
+                           num_classes=10, lr=0.1, consistency_weight=1.0)
+        assert stats["loss"].dtype == torch.float64, row
+    # The labeled-only loss against the same cross-entropy computed by hand in float64, before a step.
+    net_ref = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    torch.manual_seed(7)  # the same dropout masks in both forwards
+    stats = train_step(SeparateForwards(net), net, opt, (x_l, y_l, x_u), method=MethodConfig(**ROWS["labeled-only"]),
+                       num_classes=10, lr=0.0, consistency_weight=1.0)
+    torch.manual_seed(7)
+    logits = net_ref(x_l)
+    by_hand = -(logits.log_softmax(1).gather(1, y_l[:, None])).mean()
+    assert abs(stats["loss"].item() - by_hand.item()) < 1e-14

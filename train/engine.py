@@ -206,11 +206,13 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
             print(f"resuming on {d.world_size} processes from a checkpoint of {len(rngs)}: dropout and mixup "
                   "draws will differ from an uninterrupted run", file=sys.stderr)
 
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # per statistic: its sum over the steps of the logging window
+    seen: dict[str, int] = {}  # per statistic: how many of those steps reported it (a ramp's first has no consistency)
     count = 0
     if state is not None and "log_window" in state:
         count = int(state["log_window"]["count"])
         sums = {k: v.to(device) for k, v in state["log_window"]["sums"].items()}
+        seen = {k: int(state["log_window"].get("seen", {}).get(k, count)) for k in sums}
     state = None  # free the host copy of the weights before training
     log = MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main, resume_step=start)
     progress = Progress(schedule.total_steps, start, enabled=d.is_main and cfg.train.progress)
@@ -252,7 +254,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
             if scaler is not None:
                 payload["scaler"] = scaler.state_dict()
             # The partial logging window, so the first line logged after a resume averages the same steps.
-            payload["log_window"] = {"count": count, "sums": {k: v.detach().cpu() for k, v in sums.items()}}
+            payload["log_window"] = {"count": count, "seen": seen,
+                                     "sums": {k: v.detach().cpu() for k, v in sums.items()}}
             try:
                 if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
                     raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
@@ -291,13 +294,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
                            compile_meta=cfg.train.compile)
         for k, v in stats.items():
             sums[k] = sums[k] + v.float() if k in sums else v.float()
+            seen[k] = seen.get(k, 0) + 1
         count += 1
         progress.update()
         done = step + 1
 
         if done % cfg.train.log_every == 0 or done == schedule.total_steps:
             stop_if_not_finite(done)
-            values = {k: v.item() / count for k, v in sums.items()}  # a CPU-GPU sync point
+            values = {k: v.item() / seen[k] for k, v in sums.items()}  # a CPU-GPU sync point
             elapsed = time.perf_counter() - tick
             pairs_per_s = count * global_batch / elapsed
             values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,
@@ -306,7 +310,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
                 values["loss_scale"] = scaler.get_scale()
             log.write("train", done, values)
             progress.report(done, f"loss {values['loss']:.4f} lr {lr:.4g} {values['images_per_s']:.0f} img/s")
-            sums, count, tick = {}, 0, time.perf_counter()
+            sums, seen, count, tick = {}, {}, 0, time.perf_counter()
         if done % cfg.train.eval_every == 0 or done == schedule.total_steps:
             result = evaluate(done)
             progress.report(done, f"test error {result['top1_error']:.4f}")

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from train.losses import fp32_or_wider
+
 ESTIMATORS = ("fd", "jvp", "exact")
 
 GradReducer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -99,12 +101,8 @@ def _full_precision(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
-def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def _probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_fp32_or_wider(logits), dim=-1)
+    return torch.softmax(fp32_or_wider(logits), dim=-1)
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -116,7 +114,7 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _labeled_loss(model, names, params, buffers, x_l, y_l):
-    return F.cross_entropy(_fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
+    return F.cross_entropy(fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
 
 
 def _maybe_compiled(fn, compiled: bool):
@@ -184,7 +182,7 @@ def _fd_passes(model, names, params, buffers, g, x, eps, midpoint, batched, repl
 
 def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint, batched, compiled):
     precision = _full_precision(x_u.device) if full_precision else nullcontext()
-    x = _fp32_or_wider(x_u) if full_precision else x_u
+    x = fp32_or_wider(x_u) if full_precision else x_u
     replay = _rng_replayer(model, x_u.device)
     with torch.no_grad(), precision:
         return _maybe_compiled(_fd_passes, compiled)(model, names, params, buffers, g, x, eps, midpoint, batched,
@@ -228,7 +226,7 @@ def _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad):
     leaves = [p.detach().requires_grad_() for p in params]
     replay_labeled = _rng_replayer(model, x_u.device)
     with torch.enable_grad():
-        loss_at_theta = F.cross_entropy(_fp32_or_wider(_call(model, names, leaves, buffers, x_l)), y_l)
+        loss_at_theta = F.cross_entropy(fp32_or_wider(_call(model, names, leaves, buffers, x_l)), y_l)
         g = torch.autograd.grad(loss_at_theta, leaves, allow_unused=True)
         g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(leaves, g)]
         p_u = _probs(_call(model, names, leaves, buffers, x_u))
@@ -239,7 +237,7 @@ def _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad):
         # θ̂ = θ - 1·∇θ L_u: the learning rate α is applied by the caller, as for fd and jvp.
         theta_hat = [p if gu is None else p - gu for p, gu in zip(leaves, grads_u)]
         replay_labeled()
-        loss_hat = F.cross_entropy(_fp32_or_wider(_call(model, names, theta_hat, buffers, x_l)), y_l)
+        loss_hat = F.cross_entropy(fp32_or_wider(_call(model, names, theta_hat, buffers, x_l)), y_l)
         (grad_pseudo,) = torch.autograd.grad(loss_hat, pseudo)
     if model.training:
         _set_rng(after_unlabeled, x_u.device)

@@ -1,15 +1,16 @@
-"""Learning rate and consistency weight as plain functions of the step."""
+"""Learning rate and consistency weight as plain functions of the step (the authors' schedule)."""
 import math
 
 from train.config import OptimConfig
 
 
 def learning_rate(step: int, cfg: OptimConfig, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up from 0, then the paper's steps (×gamma past each milestone) or cosine to 0."""
+    """Linear warm-up lr·step/warmup (0 at step 0, as the authors' code), then the paper's steps
+    (×gamma once the step is past a milestone: step > m) or cosine to 0."""
     if warmup_steps > 0 and step < warmup_steps:
-        return cfg.lr * (step + 1) / warmup_steps
+        return cfg.lr * step / warmup_steps
     if cfg.schedule == "step":
-        return cfg.lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
+        return cfg.lr * cfg.gamma ** sum(step > m for m in cfg.milestones)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from train.config import MethodConfig
-from train.losses import consistency_mse, mixup_pairs, soft_target_kl, update_pseudo_labels
+from train.losses import consistency_mse, fp32_or_wider, mixup_pairs, soft_target_kl, update_pseudo_labels
 from train.meta import GradReducer, meta_targets
 
 
@@ -30,6 +30,15 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def mixup_ratios(gamma: float, batch: int, device: torch.device) -> torch.Tensor:
+    """λ ~ Beta(γ, γ) per pair, (B,) float32, drawn on the device without reading anything back.
+
+    The same draws as torch.distributions.Beta(γ, γ).sample((B,)), which samples a two-class
+    Dirichlet and keeps its first coordinate; its argument checks read tensors back to the host."""
+    concentration = torch.full((batch, 2), gamma, device=device)
+    return torch._sample_dirichlet(concentration)[:, 0]
 
 
 def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_unlabeled_batch: int) -> torch.Tensor:
@@ -64,7 +73,7 @@ def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, l
                          "labeled_grad_norm": out.grad_norm.float()}
             else:
                 with torch.no_grad():
-                    y_hat = torch.softmax(meta_net(x_u).float(), dim=1)
+                    y_hat = torch.softmax(fp32_or_wider(meta_net(x_u)), dim=1)
                 stats = {}
     finally:
         meta_net.train(was_training)
@@ -108,22 +117,22 @@ def train_step(
                                      compile_meta=compile_meta)
 
     with autocast:
-        if not method.unlabeled:
-            (logits_l,) = forwards(x_l)
-            loss_cls = F.cross_entropy(logits_l.float(), y_l)
-            loss = loss_cls
+        # The unlabeled batch gets its own train-mode forward only when its loss counts: with weight 0
+        # (the first step of a ramp, or the authors' mixup-only baseline) it would still move the
+        # BatchNorm statistics.
+        with_consistency = method.unlabeled and consistency_weight != 0
+        if not method.unlabeled or not method.mixup:
+            logits_l, *logits_u = forwards(x_l, x_u) if with_consistency else forwards(x_l)
+            loss_cls = F.cross_entropy(fp32_or_wider(logits_l), y_l)
         else:
-            if method.mixup:
-                gamma = torch.tensor(method.mixup_gamma, device=device)
-                lam = torch.distributions.Beta(gamma, gamma).sample((x_l.shape[0],))  # (B,)
-                onehot = F.one_hot(y_l, num_classes).float()
-                x_in, y_in = mixup_pairs(x_l, onehot, x_u, y_hat, lam)
-                logits_in, logits_u = forwards(x_in, x_u)
-                loss_cls = soft_target_kl(logits_in, y_in)
-            else:
-                logits_l, logits_u = forwards(x_l, x_u)
-                loss_cls = F.cross_entropy(logits_l.float(), y_l)
-            loss_cons = consistency_mse(logits_u, y_hat)
+            lam = mixup_ratios(method.mixup_gamma, x_l.shape[0], device)  # (B,)
+            onehot = F.one_hot(y_l, num_classes).to(y_hat.dtype)
+            x_in, y_in = mixup_pairs(x_l, onehot, x_u, y_hat, lam)
+            logits_in, *logits_u = forwards(x_in, x_u) if with_consistency else forwards(x_in)
+            loss_cls = soft_target_kl(logits_in, y_in)
+        loss = loss_cls
+        if with_consistency:
+            loss_cons = consistency_mse(logits_u[0], y_hat)
             stats["loss_consistency"] = loss_cons.detach()
             loss = loss_cls + consistency_weight * loss_cons
 
