@@ -196,6 +196,24 @@ def test_zero_consistency_weight_without_meta_is_the_authors_mixup_baseline():
         assert torch.allclose(a, b, rtol=0, atol=1e-12), name  # running statistics included
 
 
+def test_the_first_step_of_a_ramp_still_forwards_the_unlabeled_batch():
+    # At step 0 the ramped weight is 0, but the authors' meta script still runs the train-mode forward
+    # of the unlabeled batch (its BatchNorm statistics move): only a configured weight of 0 skips it.
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).train()
+    with_unlabeled, labeled_only = copy.deepcopy(net), copy.deepcopy(net)
+    batch = digits_batch()
+    stats = train_step(SeparateForwards(with_unlabeled), with_unlabeled, torch.optim.SGD(with_unlabeled.parameters(), lr=0.0),
+                       batch, method=MethodConfig(meta=False, mixup=False), num_classes=10, lr=0.0,
+                       consistency_weight=0.0)
+    train_step(SeparateForwards(labeled_only), labeled_only, torch.optim.SGD(labeled_only.parameters(), lr=0.0), batch,
+               method=MethodConfig(meta=False, mixup=False, consistency_weight=0.0), num_classes=10, lr=0.0,
+               consistency_weight=0.0)
+    assert "loss_consistency" in stats
+    mean = "features.0.1.running_mean"
+    assert not torch.allclose(with_unlabeled.state_dict()[mean], labeled_only.state_dict()[mean])
+
+
 def test_a_float64_step_computes_its_losses_in_float64():
     torch.manual_seed(0)
     net = build_model("digits_cnn", 10, 1).double().train()

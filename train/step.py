@@ -117,10 +117,10 @@ def train_step(
                                      compile_meta=compile_meta)
 
     with autocast:
-        # The unlabeled batch gets its own train-mode forward only when its loss counts: with weight 0
-        # (the first step of a ramp, or the authors' mixup-only baseline) it would still move the
-        # BatchNorm statistics.
-        with_consistency = method.unlabeled and consistency_weight != 0
+        # The unlabeled batch gets its own train-mode forward only when the run has a consistency term:
+        # with method.consistency_weight=0 (the authors' mixup-only baseline) it would still move the
+        # BatchNorm statistics. The first step of a ramp (weight 0 there) keeps it, as their meta script.
+        with_consistency = method.unlabeled and method.consistency_weight != 0
         if not method.unlabeled or not method.mixup:
             logits_l, *logits_u = forwards(x_l, x_u) if with_consistency else forwards(x_l)
             loss_cls = F.cross_entropy(fp32_or_wider(logits_l), y_l)
