@@ -1,8 +1,9 @@
-"""Algorithm 2 as the authors' public training script does it, written out in float64, against
-train_step: the default step (meta + mixup, eval-mode meta part, fd, the authors' pseudo-label scale)
-must be the same computation."""
+"""The authors' public meta training script (with and without its mix-up flag), written out in float64,
+against train_step: Table-4 rows 4 (the default: meta + mixup, eval-mode meta part, fd, the authors'
+pseudo-label scale) and 2 (meta, no mixup) must be the same computations."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +12,7 @@ from train.config import MethodConfig
 from train.step import SeparateForwards, train_step
 
 
-def written_out_meta_mixup_step(net, opt, batch, *, lr, weight, eps=0.01, gamma=1.0, num_classes=10):
+def written_out_meta_step(net, opt, batch, *, lr, weight, mixup, eps=0.01, gamma=1.0, num_classes=10):
     x_l, y_l, x_u = batch
     params = list(net.parameters())
     net.eval()  # the whole meta part sees running statistics and no dropout
@@ -31,19 +32,23 @@ def written_out_meta_mixup_step(net, opt, batch, *, lr, weight, eps=0.01, gamma=
         total = y_hat.sum(dim=1, keepdim=True)
         y_hat = y_hat / torch.where(total == 0, torch.ones_like(total), total)
     net.train()
-    lam = torch.distributions.Beta(torch.tensor(gamma), torch.tensor(gamma)).sample((x_l.shape[0],)).double()
-    x_in = lam.view(-1, 1, 1, 1) * x_l + (1 - lam.view(-1, 1, 1, 1)) * x_u
-    y_in = lam.view(-1, 1) * F.one_hot(y_l, num_classes).double() + (1 - lam.view(-1, 1)) * y_hat
-    loss_mixed = F.kl_div(F.log_softmax(net(x_in), dim=1), y_in, reduction="batchmean")
+    if mixup:
+        lam = torch.distributions.Beta(torch.tensor(gamma), torch.tensor(gamma)).sample((x_l.shape[0],)).double()
+        x_in = lam.view(-1, 1, 1, 1) * x_l + (1 - lam.view(-1, 1, 1, 1)) * x_u
+        y_in = lam.view(-1, 1) * F.one_hot(y_l, num_classes).double() + (1 - lam.view(-1, 1)) * y_hat
+        loss_labeled = F.kl_div(F.log_softmax(net(x_in), dim=1), y_in, reduction="batchmean")
+    else:  # row 2: the plain cross-entropy of the labeled batch, in train mode
+        loss_labeled = F.cross_entropy(net(x_l), y_l)
     loss_unlabeled = (torch.softmax(net(x_u), dim=1) - y_hat).pow(2).sum(dim=1).mean()
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad()
-    (loss_mixed + weight * loss_unlabeled).backward()
+    (loss_labeled + weight * loss_unlabeled).backward()
     opt.step()
 
 
-def test_the_default_step_is_the_authors_algorithm2_in_float64():
+@pytest.mark.parametrize("mixup", [True, False], ids=["row4-default", "row2-no-mixup"])
+def test_the_meta_rows_are_the_authors_meta_script_in_float64(mixup):
     torch.manual_seed(0)
     ours = build_model("digits_cnn", 10, 1).double().train()  # with dropout: masks must be drawn alike
     theirs = copy.deepcopy(ours)
@@ -56,10 +61,10 @@ def test_the_default_step_is_the_authors_algorithm2_in_float64():
         for group in opt_ours.param_groups:  # the engine sets the scheduled rate before each step
             group["lr"] = lr
         torch.manual_seed(100 + step)
-        stats = train_step(SeparateForwards(ours), ours, opt_ours, batch, method=MethodConfig(), num_classes=10, lr=lr,
+        stats = train_step(SeparateForwards(ours), ours, opt_ours, batch, method=MethodConfig(mixup=mixup), num_classes=10, lr=lr,
                            consistency_weight=weight)
         torch.manual_seed(100 + step)
-        written_out_meta_mixup_step(theirs, opt_theirs, batch, lr=lr, weight=weight)
+        written_out_meta_step(theirs, opt_theirs, batch, lr=lr, weight=weight, mixup=mixup)
     assert stats["pseudo_label_shift"] > 1e-3  # the meta term did move the labels
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.allclose(a, b, rtol=0, atol=1e-10), name  # running statistics included
