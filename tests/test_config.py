@@ -144,3 +144,16 @@ def test_global_batches_must_divide_over_the_processes():
         check_global_batch(cfg.data, gpus)  # 512 and 1024 split evenly: the same experiment on any of these
     with pytest.raises(ValueError, match="GLOBAL batch.*divisible by 3"):
         check_global_batch(cfg.data, 3)
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads `1e-3` (no dot, unsigned exponent) as a string; the config reads it as the number.
+    (tmp_path / "sci.yaml").write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    cfg = load_config(str(tmp_path / "sci.yaml"), ("method.eps=1e-2", "train.steps=4e3", "data.labels=1e-1",
+                                                   "optim.milestones=[1e3, 2e3]"))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.method.eps) == (1e-3, 5e-5, 1e-2)
+    assert cfg.train.steps == 4000 and type(cfg.train.steps) is int
+    assert cfg.data.labels == 0.1 and cfg.optim.milestones == [1000, 2000]
+    assert load_config("digits", ("data.root=1e3",)).data.root == "1e3"  # a text key keeps the text
+    with pytest.raises(ValueError, match="train.steps: expected int"):
+        load_config("digits", ("train.steps=1e-3",))

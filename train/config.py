@@ -5,6 +5,7 @@ A key that no dataclass declares is an error that names the closest valid key.
 """
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,17 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# YAML 1.1, which PyYAML speaks, reads `1e-3` and `4e5` as strings (it wants a dot and a signed
+# exponent). A number written like that is still a number wherever the config expects one.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Union:
@@ -148,11 +160,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif hint is int:
+        value = _as_number(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        value = _as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
