@@ -157,3 +157,22 @@ def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
     assert load_config("digits", ("data.root=1e3",)).data.root == "1e3"  # a text key keeps the text
     with pytest.raises(ValueError, match="train.steps: expected int"):
         load_config("digits", ("train.steps=1e-3",))
+
+
+@pytest.mark.parametrize("override, key", [("train.steps=0", "train.steps"), ("train.steps=-5", "train.steps"),
+                                           ("train.epochs=-1", "train.epochs"), ("train.epochs=0", "train.epochs"),
+                                           ("optim.lr=0", "optim.lr"), ("optim.lr=-0.1", "optim.lr"),
+                                           ("optim.warmup_steps=-1", "optim.warmup_steps"),
+                                           ("optim.warmup_epochs=-0.5", "optim.warmup_epochs"),
+                                           ("method.consistency_rampup=-10", "method.consistency_rampup"),
+                                           ("seed=-1", "seed"), ("seed=4294967296", "seed")])
+def test_values_that_cannot_make_a_run_are_refused_by_key(override, key):
+    overrides = (override, "train.steps=null") if override.startswith("train.epochs") else (override,)
+    with pytest.raises(ValueError, match=rf"^{key}=-?\d") as err:
+        load_config("digits", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_zero_warm_up_and_ramp_up_and_the_largest_seed_are_accepted():
+    cfg = load_config("digits", ("optim.warmup_steps=0", "method.consistency_rampup=0", f"seed={2**32 - 1}"))
+    assert (cfg.optim.warmup_steps, cfg.method.consistency_rampup, cfg.seed) == (0, 0, 2**32 - 1)

@@ -100,3 +100,9 @@ def test_a_broken_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     code = main(["digits", "--out", str(tmp_path), "--resume", "--set", *SHORT])
     assert_clean_error(capsys, code, "last.pt", "damaged")
+
+
+def test_zero_steps_is_refused_before_anything_is_written(tmp_path, capsys):
+    code = main(["digits", "--out", str(tmp_path / "run"), "--set", "train.steps=0"])
+    assert_clean_error(capsys, code, "train.steps=0")
+    assert not (tmp_path / "run").exists()

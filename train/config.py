@@ -46,6 +46,7 @@ class MethodConfig:
                              "and method.mixup=false")
         if self.eps <= 0 or self.mixup_gamma <= 0:
             raise ValueError("method.eps and method.mixup_gamma must be positive")
+        _at_least("method.consistency_rampup", self.consistency_rampup, 0, "steps (0: full weight from the start)")
 
 
 @dataclass
@@ -64,6 +65,11 @@ class OptimConfig:
     def __post_init__(self):
         _choice("optim.schedule", self.schedule, ("step", "cosine"))
         _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "loop"))
+        if not self.lr > 0:  # `not >` also catches NaN
+            raise ValueError(f"optim.lr={self.lr}: the learning rate must be positive (e.g. 0.1)")
+        _at_least("optim.warmup_steps", self.warmup_steps, 0, "steps (0: no warm-up)")
+        if self.warmup_epochs is not None:
+            _at_least("optim.warmup_epochs", self.warmup_epochs, 0, "epochs (0: no warm-up)")
 
 
 @dataclass
@@ -89,6 +95,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train.steps={self.steps}: a run needs at least 1 step")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"train.epochs={self.epochs}: give a positive number of passes over the unlabeled set")
 
 
 @dataclass
@@ -102,8 +112,15 @@ class Config:
 
     def __post_init__(self):
         _choice("model.name", self.model.name, tuple(MODELS))
+        if not 0 <= self.seed < 2**32:  # the range NumPy's global generator takes
+            raise ValueError(f"seed={self.seed}: give a whole number from 0 to {2**32 - 1}")
         if self.method.mixup and self.method.unlabeled is False:
             raise ValueError("method.mixup needs unlabeled data")
+
+
+def _at_least(key, value, low, unit):
+    if not value >= low:
+        raise ValueError(f"{key}={value}: must be at least {low} {unit}")
 
 
 def _choice(key, value, choices):
