@@ -238,13 +238,27 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _yaml_problem(error: yaml.YAMLError) -> tuple[object, str]:
+    """(line, what is wrong there) of a YAML error, on one line; PyYAML's own text spans several."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return "?", problem
+    return mark.line + 1, f"{problem} (column {mark.column + 1})"
+
+
 def read_yaml(path: Path, _seen: tuple = ()) -> dict:
     """Load a YAML experiment file, merging the files it names under `base:` beneath it."""
     path = Path(path).resolve()
     if path in _seen:
         raise ValueError(f"config files include each other in a loop: {' -> '.join(map(str, _seen + (path,)))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line, problem = _yaml_problem(e)
+        raise ValueError(f"{path}:{line}: not valid YAML: {problem}; fix that line of the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; a config is a YAML file of keys and values") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys at the top level")
     bases = data.pop("base", None) or []
@@ -259,7 +273,12 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.steps=1000)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        _, problem = _yaml_problem(e)
+        raise ValueError(f"--set {text}: the value is not valid YAML ({problem}); quote it if it is text, "
+                         "e.g. --set 'data.root=\"a: b\"'") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
