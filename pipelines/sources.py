@@ -1,12 +1,13 @@
 """Readers for the data sets users already have on disk, into uint8 arrays (N, H, W, C).
 
 Nothing is downloaded: each reader says which path it looked at and what layout it expected."""
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from pipelines.pickles import UnsafePickleError, load_data_pickle
 
 
 @dataclass
@@ -54,11 +55,15 @@ def load_digits_arrays(root: Optional[str] = None) -> ArrayDataset:
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataMissingError(f"missing {path}")
-    with open(path, "rb") as f:
-        try:
-            return pickle.load(f, encoding="bytes")
-        except Exception as e:  # a truncated download, an HTML error page saved as the file...
-            raise ValueError(f"{path} is not a CIFAR python pickle ({e}); download it again") from e
+    try:
+        batch = load_data_pickle(path, "a CIFAR batch")
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # a truncated download, an HTML error page saved as the file...
+        raise ValueError(f"{path} is not a CIFAR python pickle ({e}); download it again") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} holds a {type(batch).__name__}, not the dict of a CIFAR python pickle")
+    return batch
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:

@@ -119,3 +119,53 @@ def test_labeling_every_image_with_a_disjoint_unlabeled_set_is_refused(tmp_path)
         build_data(DataConfig(name="cifar10", root=str(root), labels=10), seed=0, device="cpu")
     data = build_data(DataConfig(name="cifar10", root=str(root), labels=10, unlabeled="all"), seed=0, device="cpu")
     assert data.unlabeled_size == 10
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted 'data_batch_1' could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    root = write_cifar10(tmp_path / "c10", per_class_train=1, per_class_test=1)
+    marker = tmp_path / "code-ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": _RunsCode(marker)}, f,
+                    protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_2 asks to call (posix|os)\.system.*could run code") as err:
+        load_cifar10_arrays(str(root))
+    assert not marker.exists() and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_pickles_of_numpy_1_and_2_and_every_protocol_still_load(tmp_path, protocol):
+    images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    raw = pickle.dumps({b"data": images, b"labels": [np.int64(3), 4], b"batch_label": b"x"}, protocol=protocol)
+    from pipelines.pickles import load_data_pickle
+
+    numpy1 = [raw.replace(b"numpy._core", b"numpy.core")] if protocol == 2 else []  # NumPy 1 wrote numpy.core
+    for spelling in [raw] + numpy1:
+        (tmp_path / "batch").write_bytes(spelling)
+        batch = load_data_pickle(tmp_path / "batch")
+        assert np.array_equal(batch[b"data"], images) and batch[b"labels"] == [3, 4]
+
+
+def test_no_reader_of_the_project_can_run_code_from_a_file():
+    import re
+    from pathlib import Path
+
+    unsafe = re.compile(r"pickle\.loads?\(|yaml\.(unsafe_)?load\(|allow_pickle=True|np\.load\(|"
+                        r"torch\.load\((?![^)]*weights_only=True)|(?<!_Data)Unpickler\(")
+    top = Path(__file__).resolve().parent.parent
+    found = [f"{path.relative_to(top)}:{n}" for folder in ("train", "pipelines", "tools", "model")
+             for path in sorted((top / folder).rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert not found, found
