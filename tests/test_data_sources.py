@@ -169,3 +169,30 @@ def test_no_reader_of_the_project_can_run_code_from_a_file():
              for path in sorted((top / folder).rglob("*.py"))
              for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
     assert not found, found
+
+
+@pytest.mark.parametrize("pixels, fits", [(np.float64(300.0), False), (np.float32(0.5), False),
+                                          (np.int16(-1), False), (np.float64(np.nan), False),
+                                          (np.float64(200.0), True), (np.int32(255), True)])
+def test_pixels_stored_wider_than_uint8_are_kept_only_if_they_fit(tmp_path, pixels, fits):
+    from scipy.io import savemat
+
+    root = write_svhn(tmp_path / "svhn", per_class_train=1, per_class_test=1)
+    x = np.full((32, 32, 3, 10), 7, dtype=pixels.dtype)
+    x[0, 0, 0, 3] = pixels
+    savemat(root / "train_32x32.mat", {"X": x, "y": np.arange(1, 11)[:, None]})
+    if fits:
+        assert load_svhn_arrays(str(root)).train_images[3, 0, 0, 0] == int(pixels)
+    else:
+        with pytest.raises(ValueError, match=r"train_32x32\.mat: X holds .* pixels .*not whole numbers 0\.\.255"):
+            load_svhn_arrays(str(root))
+    root = write_cifar10(tmp_path / "c10", per_class_train=1, per_class_test=1)  # the same rule for CIFAR
+    rows = np.full((2, 3072), 7, dtype=pixels.dtype)
+    rows[1, 5] = pixels
+    with open(root / "cifar-10-batches-py" / "data_batch_4", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": [0, 1]}, f)
+    if fits:
+        load_cifar10_arrays(str(root))
+    else:
+        with pytest.raises(ValueError, match="data_batch_4: 'data' holds"):
+            load_cifar10_arrays(str(root))
