@@ -196,3 +196,22 @@ def test_pixels_stored_wider_than_uint8_are_kept_only_if_they_fit(tmp_path, pixe
     else:
         with pytest.raises(ValueError, match="data_batch_4: 'data' holds"):
             load_cifar10_arrays(str(root))
+
+
+def test_a_val_folder_lacking_classes_of_train_is_refused_naming_them(tmp_path):
+    import shutil
+
+    from fake_datasets import write_image_folders
+    from pipelines.folders import load_image_folders
+
+    root = write_image_folders(tmp_path, num_classes=4, per_class_train=1, per_class_val=1, size_range=(8, 8))
+    assert load_image_folders(str(root)).num_classes == 4
+    shutil.rmtree(root / "val" / "n00000001")  # a class folder missing
+    for image in (root / "val" / "n00000003").iterdir():  # and one present but empty
+        image.unlink()
+    with pytest.raises(ValueError, match=r"val has no images of 2 class\(es\) of train/: n00000001, n00000003;"):
+        load_image_folders(str(root))
+    for image in (root / "train" / "n00000002").iterdir():  # an empty train class is named as before
+        image.unlink()
+    with pytest.raises(ValueError, match=r"class folders without images under .*train: n00000002;"):
+        load_image_folders(str(root))
