@@ -176,3 +176,29 @@ def test_values_that_cannot_make_a_run_are_refused_by_key(override, key):
 def test_zero_warm_up_and_ramp_up_and_the_largest_seed_are_accepted():
     cfg = load_config("digits", ("optim.warmup_steps=0", "method.consistency_rampup=0", f"seed={2**32 - 1}"))
     assert (cfg.optim.warmup_steps, cfg.method.consistency_rampup, cfg.seed) == (0, 0, 2**32 - 1)
+
+
+def test_only_the_training_batch_must_divide_over_the_processes_as_the_docs_say():
+    import re
+
+    from pipelines.memory import InMemoryData
+    from pipelines.sources import load_digits_arrays
+    from pipelines.splits import balanced_split
+
+    cfg = load_config("digits", ("data.eval_batch_size=500", "data.batch_size=30"))
+    check_global_batch(cfg.data, 3)  # 500 over 3 processes is accepted ...
+    arrays = load_digits_arrays()
+    split = balanced_split(arrays.train_labels, 10, 50, 0, "digits")
+    seen = 0
+    for rank in range(3):  # ... each evaluates 166 at a time, and together they see every test image once
+        data = InMemoryData(arrays, split, include_labeled=False, global_batch=30, eval_batch=500, seed=0,
+                            device="cpu", rank=rank, world_size=3)
+        sizes = [len(y) for _, y in data.eval_batches("test")]
+        assert max(sizes) == 166
+        seen += sum(sizes)
+    assert seen == len(arrays.test_labels)
+    root = CONFIG_DIR.parent
+    for doc in (root / "README.md", CONFIG_DIR / "README.md"):
+        sentences = re.split(r"[.;]\s", " ".join(doc.read_text().split()))
+        refusals = [s for s in sentences if "refused" in s and "divide" in s]
+        assert refusals and all("data.batch_size" in s and "eval_batch_size" not in s for s in refusals), doc
