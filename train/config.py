@@ -79,7 +79,7 @@ class TrainConfig:
     eval_every: int = 400  # steps between test evaluations
     log_every: int = 100  # steps between reads of the training statistics (a host-device sync)
     checkpoint_every: int = 2000  # steps between checkpoints (and one at the end)
-    keep_last_evals: int = 10  # final.json reports the median test error over this many last evaluations
+    keep_last_evals: int = 10  # final.json's median_last_test_error is the median of this many last evaluations
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
     compile: bool = False  # torch.compile the network
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
