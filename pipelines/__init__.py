@@ -28,7 +28,9 @@ def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, run_dir:
 
 
 def check_global_batch(cfg: DataConfig, world_size: int) -> None:
-    """Batch sizes are global: a process count that does not divide them would change the experiment."""
+    """The training batch is global: a process count that does not divide it would change the experiment.
+    The evaluation batch need not divide: each process takes its share rounded down, which changes
+    only the speed of evaluation, since every process evaluates all of its own images."""
     if cfg.batch_size % world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} is the GLOBAL batch, summed over all {world_size} "
                          f"processes, and must be divisible by {world_size}; change the process count, or set "

@@ -43,7 +43,8 @@ def _scan(split_dir: Path, classes: Optional[list[str]]) -> tuple[list[str], lis
         hint = (f" It holds loose files ({', '.join(loose)}...): sort them into one folder per class first."
                 if loose else "")
         raise DataMissingError(f"{split_dir} has no class sub-folders; data.root should hold {LAYOUT}.{hint}")
-    if classes is None:
+    from_train = classes is not None
+    if not from_train:
         classes = found
     else:
         unknown = sorted(set(found) - set(classes))
@@ -59,15 +60,21 @@ def _scan(split_dir: Path, classes: Optional[list[str]]) -> tuple[list[str], lis
     if not files:
         raise DataMissingError(f"{split_dir} holds no image files ({'/'.join(IMAGE_SUFFIXES)}); "
                                f"data.root should hold {LAYOUT}")
-    return classes, files, np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    lacking = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
+    more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+    if lacking and not from_train:
+        raise ValueError(f"class folders without images under {split_dir}: {', '.join(lacking[:5])}{more}; "
+                         "remove them or add their images")
+    if lacking:  # the test error would silently leave these classes out
+        raise ValueError(f"{split_dir} has no images of {len(lacking)} class(es) of train/: "
+                         f"{', '.join(lacking[:5])}{more}; add their images, so that the test error covers "
+                         f"every class: {LAYOUT}")
+    return classes, files, labels
 
 
 def load_image_folders(root: Optional[str], name: str = "imagenet") -> FileDataset:
     base = _need_root(name, root, LAYOUT)
     classes, train_files, train_labels = _scan(base / "train", None)
-    empty = [c for c, n in zip(classes, np.bincount(train_labels, minlength=len(classes))) if n == 0]
-    if empty:
-        raise ValueError(f"class folders without images under {base / 'train'}: {', '.join(empty[:5])}; "
-                         "remove them or add their images")
     _, test_files, test_labels = _scan(base / "val", classes)
     return FileDataset(name, classes, train_files, train_labels, test_files, test_labels)

@@ -1,12 +1,13 @@
 """Readers for the data sets users already have on disk, into uint8 arrays (N, H, W, C).
 
 Nothing is downloaded: each reader says which path it looked at and what layout it expected."""
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from pipelines.pickles import UnsafePickleError, load_data_pickle
 
 
 @dataclass
@@ -54,18 +55,39 @@ def load_digits_arrays(root: Optional[str] = None) -> ArrayDataset:
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataMissingError(f"missing {path}")
-    with open(path, "rb") as f:
-        try:
-            return pickle.load(f, encoding="bytes")
-        except Exception as e:  # a truncated download, an HTML error page saved as the file...
-            raise ValueError(f"{path} is not a CIFAR python pickle ({e}); download it again") from e
+    try:
+        batch = load_data_pickle(path, "a CIFAR batch")
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # a truncated download, an HTML error page saved as the file...
+        raise ValueError(f"{path} is not a CIFAR python pickle ({e}); download it again") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} holds a {type(batch).__name__}, not the dict of a CIFAR python pickle")
+    return batch
+
+
+def _uint8_pixels(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """`x` as uint8, refusing values a cast would wrap or truncate (300 -> 44, 0.5 -> 0)."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    fits = x.dtype.kind in "iuf" and x.size > 0
+    if fits:
+        fits = bool(np.isfinite(x).all()) and x.min() >= 0 and x.max() <= 255
+    if fits and x.dtype.kind == "f":
+        fits = bool((x == np.round(x)).all())
+    if not fits:
+        span = f" from {x.min()} to {x.max()}" if x.size and x.dtype.kind in "iuf" else ""
+        raise ValueError(f"{path}: {key} holds {x.dtype} pixels{span}, not whole numbers 0..255; the published "
+                         "files store uint8, so download the file again or convert it to 8-bit pixels")
+    return x.astype(np.uint8)
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     data = batch.get(b"data")
     if data is None or np.asarray(data).ndim != 2 or np.asarray(data).shape[1] != 3072:
         raise ValueError(f"{path} has no (N, 3072) uint8 'data' entry; is it a CIFAR python pickle?")
-    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+    return _uint8_pixels(data, path, "'data'").reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
 
 
 def _cifar_labels(batch: dict, key: bytes, count: int, path: Path, num_classes: int) -> np.ndarray:
@@ -126,7 +148,7 @@ def _svhn_mat(path: Path):
     if labels.min() < 1 or labels.max() > 10:
         raise ValueError(f"{path} has labels outside 1..10; SVHN writes the digits 1-9 as 1-9 and 0 as 10")
     labels %= 10  # SVHN writes the digit 0 as label 10
-    return np.ascontiguousarray(x.transpose(3, 0, 1, 2), dtype=np.uint8), labels
+    return np.ascontiguousarray(_uint8_pixels(x, path, "X").transpose(3, 0, 1, 2)), labels
 
 
 def load_svhn_arrays(root: Optional[str]) -> ArrayDataset:

@@ -144,3 +144,61 @@ def test_global_batches_must_divide_over_the_processes():
         check_global_batch(cfg.data, gpus)  # 512 and 1024 split evenly: the same experiment on any of these
     with pytest.raises(ValueError, match="GLOBAL batch.*divisible by 3"):
         check_global_batch(cfg.data, 3)
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads `1e-3` (no dot, unsigned exponent) as a string; the config reads it as the number.
+    (tmp_path / "sci.yaml").write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    cfg = load_config(str(tmp_path / "sci.yaml"), ("method.eps=1e-2", "train.steps=4e3", "data.labels=1e-1",
+                                                   "optim.milestones=[1e3, 2e3]"))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.method.eps) == (1e-3, 5e-5, 1e-2)
+    assert cfg.train.steps == 4000 and type(cfg.train.steps) is int
+    assert cfg.data.labels == 0.1 and cfg.optim.milestones == [1000, 2000]
+    assert load_config("digits", ("data.root=1e3",)).data.root == "1e3"  # a text key keeps the text
+    with pytest.raises(ValueError, match="train.steps: expected int"):
+        load_config("digits", ("train.steps=1e-3",))
+
+
+@pytest.mark.parametrize("override, key", [("train.steps=0", "train.steps"), ("train.steps=-5", "train.steps"),
+                                           ("train.epochs=-1", "train.epochs"), ("train.epochs=0", "train.epochs"),
+                                           ("optim.lr=0", "optim.lr"), ("optim.lr=-0.1", "optim.lr"),
+                                           ("optim.warmup_steps=-1", "optim.warmup_steps"),
+                                           ("optim.warmup_epochs=-0.5", "optim.warmup_epochs"),
+                                           ("method.consistency_rampup=-10", "method.consistency_rampup"),
+                                           ("seed=-1", "seed"), ("seed=4294967296", "seed")])
+def test_values_that_cannot_make_a_run_are_refused_by_key(override, key):
+    overrides = (override, "train.steps=null") if override.startswith("train.epochs") else (override,)
+    with pytest.raises(ValueError, match=rf"^{key}=-?\d") as err:
+        load_config("digits", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_zero_warm_up_and_ramp_up_and_the_largest_seed_are_accepted():
+    cfg = load_config("digits", ("optim.warmup_steps=0", "method.consistency_rampup=0", f"seed={2**32 - 1}"))
+    assert (cfg.optim.warmup_steps, cfg.method.consistency_rampup, cfg.seed) == (0, 0, 2**32 - 1)
+
+
+def test_only_the_training_batch_must_divide_over_the_processes_as_the_docs_say():
+    import re
+
+    from pipelines.memory import InMemoryData
+    from pipelines.sources import load_digits_arrays
+    from pipelines.splits import balanced_split
+
+    cfg = load_config("digits", ("data.eval_batch_size=500", "data.batch_size=30"))
+    check_global_batch(cfg.data, 3)  # 500 over 3 processes is accepted ...
+    arrays = load_digits_arrays()
+    split = balanced_split(arrays.train_labels, 10, 50, 0, "digits")
+    seen = 0
+    for rank in range(3):  # ... each evaluates 166 at a time, and together they see every test image once
+        data = InMemoryData(arrays, split, include_labeled=False, global_batch=30, eval_batch=500, seed=0,
+                            device="cpu", rank=rank, world_size=3)
+        sizes = [len(y) for _, y in data.eval_batches("test")]
+        assert max(sizes) == 166
+        seen += sum(sizes)
+    assert seen == len(arrays.test_labels)
+    root = CONFIG_DIR.parent
+    for doc in (root / "README.md", CONFIG_DIR / "README.md"):
+        sentences = re.split(r"[.;]\s", " ".join(doc.read_text().split()))
+        refusals = [s for s in sentences if "refused" in s and "divide" in s]
+        assert refusals and all("data.batch_size" in s and "eval_batch_size" not in s for s in refusals), doc

@@ -119,3 +119,99 @@ def test_labeling_every_image_with_a_disjoint_unlabeled_set_is_refused(tmp_path)
         build_data(DataConfig(name="cifar10", root=str(root), labels=10), seed=0, device="cpu")
     data = build_data(DataConfig(name="cifar10", root=str(root), labels=10, unlabeled="all"), seed=0, device="cpu")
     assert data.unlabeled_size == 10
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted 'data_batch_1' could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    root = write_cifar10(tmp_path / "c10", per_class_train=1, per_class_test=1)
+    marker = tmp_path / "code-ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": _RunsCode(marker)}, f,
+                    protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_2 asks to call (posix|os)\.system.*could run code") as err:
+        load_cifar10_arrays(str(root))
+    assert not marker.exists() and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_pickles_of_numpy_1_and_2_and_every_protocol_still_load(tmp_path, protocol):
+    images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    raw = pickle.dumps({b"data": images, b"labels": [np.int64(3), 4], b"batch_label": b"x"}, protocol=protocol)
+    from pipelines.pickles import load_data_pickle
+
+    numpy1 = [raw.replace(b"numpy._core", b"numpy.core")] if protocol == 2 else []  # NumPy 1 wrote numpy.core
+    for spelling in [raw] + numpy1:
+        (tmp_path / "batch").write_bytes(spelling)
+        batch = load_data_pickle(tmp_path / "batch")
+        assert np.array_equal(batch[b"data"], images) and batch[b"labels"] == [3, 4]
+
+
+def test_no_reader_of_the_project_can_run_code_from_a_file():
+    import re
+    from pathlib import Path
+
+    unsafe = re.compile(r"pickle\.loads?\(|yaml\.(unsafe_)?load\(|allow_pickle=True|np\.load\(|"
+                        r"torch\.load\((?![^)]*weights_only=True)|(?<!_Data)Unpickler\(")
+    top = Path(__file__).resolve().parent.parent
+    found = [f"{path.relative_to(top)}:{n}" for folder in ("train", "pipelines", "tools", "model")
+             for path in sorted((top / folder).rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert not found, found
+
+
+@pytest.mark.parametrize("pixels, fits", [(np.float64(300.0), False), (np.float32(0.5), False),
+                                          (np.int16(-1), False), (np.float64(np.nan), False),
+                                          (np.float64(200.0), True), (np.int32(255), True)])
+def test_pixels_stored_wider_than_uint8_are_kept_only_if_they_fit(tmp_path, pixels, fits):
+    from scipy.io import savemat
+
+    root = write_svhn(tmp_path / "svhn", per_class_train=1, per_class_test=1)
+    x = np.full((32, 32, 3, 10), 7, dtype=pixels.dtype)
+    x[0, 0, 0, 3] = pixels
+    savemat(root / "train_32x32.mat", {"X": x, "y": np.arange(1, 11)[:, None]})
+    if fits:
+        assert load_svhn_arrays(str(root)).train_images[3, 0, 0, 0] == int(pixels)
+    else:
+        with pytest.raises(ValueError, match=r"train_32x32\.mat: X holds .* pixels .*not whole numbers 0\.\.255"):
+            load_svhn_arrays(str(root))
+    root = write_cifar10(tmp_path / "c10", per_class_train=1, per_class_test=1)  # the same rule for CIFAR
+    rows = np.full((2, 3072), 7, dtype=pixels.dtype)
+    rows[1, 5] = pixels
+    with open(root / "cifar-10-batches-py" / "data_batch_4", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": [0, 1]}, f)
+    if fits:
+        load_cifar10_arrays(str(root))
+    else:
+        with pytest.raises(ValueError, match="data_batch_4: 'data' holds"):
+            load_cifar10_arrays(str(root))
+
+
+def test_a_val_folder_lacking_classes_of_train_is_refused_naming_them(tmp_path):
+    import shutil
+
+    from fake_datasets import write_image_folders
+    from pipelines.folders import load_image_folders
+
+    root = write_image_folders(tmp_path, num_classes=4, per_class_train=1, per_class_val=1, size_range=(8, 8))
+    assert load_image_folders(str(root)).num_classes == 4
+    shutil.rmtree(root / "val" / "n00000001")  # a class folder missing
+    for image in (root / "val" / "n00000003").iterdir():  # and one present but empty
+        image.unlink()
+    with pytest.raises(ValueError, match=r"val has no images of 2 class\(es\) of train/: n00000001, n00000003;"):
+        load_image_folders(str(root))
+    for image in (root / "train" / "n00000002").iterdir():  # an empty train class is named as before
+        image.unlink()
+    with pytest.raises(ValueError, match=r"class folders without images under .*train: n00000002;"):
+        load_image_folders(str(root))

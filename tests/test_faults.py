@@ -100,3 +100,39 @@ def test_a_broken_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     code = main(["digits", "--out", str(tmp_path), "--resume", "--set", *SHORT])
     assert_clean_error(capsys, code, "last.pt", "damaged")
+
+
+def test_zero_steps_is_refused_before_anything_is_written(tmp_path, capsys):
+    code = main(["digits", "--out", str(tmp_path / "run"), "--set", "train.steps=0"])
+    assert_clean_error(capsys, code, "train.steps=0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n   momentum: 0.9\n")  # line 3 is indented under a scalar
+    code = main([str(bad), "--out", str(tmp_path / "run")])
+    err = assert_clean_error(capsys, code, f"{bad}:3:", "not valid YAML")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    (tmp_path / "top.yaml").write_text("base: bad.yaml\n")  # an included file is named itself
+    assert_clean_error(capsys, main([str(tmp_path / "top.yaml"), "--out", str(tmp_path / "run")]), f"{bad}:3:")
+
+
+def test_a_yaml_syntax_error_in_an_override_names_the_override(tmp_path, capsys):
+    code = main(["digits", "--out", str(tmp_path / "run"), "--set", "optim.milestones=[10, 20"])
+    err = assert_clean_error(capsys, code, "--set optim.milestones=[10, 20", "not valid YAML")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_bad_jpeg_under_on_corrupt_error_is_one_line_naming_it(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    from fake_datasets import break_jpeg, write_image_folders
+
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=2)
+    broken = break_jpeg(root / "val" / "n00000000" / "n00000000_1.JPEG")
+    code = main(["digits", "--out", str(tmp_path / "run"), "--set", *SHORT, "train.steps=2", "train.eval_every=2",
+                 "data.name=imagenet", f"data.root={root}", "data.labels=0.5", "data.batch_size=2",
+                 "data.eval_batch_size=4", "data.image_size=16", "data.resize_size=20", "data.workers=1",
+                 "data.on_corrupt=error", "model.name=digits_cnn", "train.device=cpu"])
+    err = assert_clean_error(capsys, code, f"cannot decode {broken}", "data.on_corrupt=skip")
+    assert len(err.strip().splitlines()) == 1

@@ -97,7 +97,7 @@ def test_figure2_plots_mean_and_std_over_seeds_against_labels(report, runs_root)
         expected = [100 * statistics.fmean(seeds50), 100 * final[f"labels100/{prefix}-s0"]["test_error"]]
         assert list(line.get_ydata()) == pytest.approx(expected)
     table = markdown_tables(section(report.path.read_text(), "## Error against"))[0]
-    assert table[0] == ["Method", "Labels", "Test error", "Seeds"]
+    assert table[0] == ["Method", "Labels", "Final test error", "Seeds"]
     rows = {(r[0], int(r[1])): r for r in table[1:]}
     mean, std = percent_cell(rows[("meta + mixup", 50)][2])
     runs50 = [final[f"labels50/full-s{s}"]["test_error"] for s in (0, 1)]
@@ -111,7 +111,7 @@ def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
     text = section(report.path.read_text(), "## Ablation")
     assert "50 labels" in text and "100 labels" not in text  # 100 labels has only the full method
     (table,) = markdown_tables(text)
-    assert table[0] == ["No.", "Meta", "Mix-Up", "Test error", "Seeds"]
+    assert table[0] == ["No.", "Meta", "Mix-Up", "Final test error", "Seeds"]
     rows = {r[0]: r for r in table[1:]}
     assert list(rows) == ["labeled-only", "1", "2", "3", "4"]
     expected = {"labeled-only": ("baseline", "", ""), "1": ("plain", "", ""), "2": ("meta", "✓", ""),
@@ -132,9 +132,9 @@ def test_the_runs_table_lists_each_runs_errors(report, runs_root):
     final = finals(runs_root)
     table = markdown_tables(section(report.path.read_text(), "## Runs"))[0]
     header, rows = table[0], {r[0]: dict(zip(table[0], r)) for r in table[1:]}
-    assert "Test error" in header and sorted(rows) == sorted(RUNS)
+    assert "Final test error" in header and sorted(rows) == sorted(RUNS)
     for name, row in rows.items():
-        assert float(row["Test error"]) == pytest.approx(100 * final[name]["test_error"], abs=0.006)
+        assert float(row["Final test error"]) == pytest.approx(100 * final[name]["test_error"], abs=0.006)
         assert float(row["Best test error"]) == pytest.approx(100 * final[name]["best_test_error"], abs=0.006)
         assert int(row["Labels"]) == final[name]["num_labels"] and int(row["Seed"]) == final[name]["seed"]
     commands = section(report.path.read_text(), "## How the runs were made")
@@ -229,3 +229,40 @@ def test_runs_of_different_settings_are_not_averaged_together(runs_root, tmp_pat
     assert sorted(t.title.split(" · ")[-1] for t in report.tables) == ["optim.lr=0.05", "optim.lr=0.1"]
     for table in report.tables:
         assert all(len(cell.values) == 1 for *_, cell, _ in table.rows)
+
+
+def _hand_written_run(folder, meta, errors):
+    """A run folder as `python -m train` leaves it, with chosen errors in final.json."""
+    import yaml
+
+    from train.config import load_config, to_dict
+
+    folder.mkdir(parents=True)
+    cfg = load_config("digits", (f"method.meta={str(meta).lower()}", "method.mixup=false"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    test_error, median_last, best = errors
+    (folder / "final.json").write_text(json.dumps({
+        "test_error": test_error, "median_last_test_error": median_last, "best_test_error": best, "steps": 10,
+        "num_labels": 50, "dataset": "digits", "model": "digits_cnn", "seed": 0, "meta": meta, "mixup": False,
+        "unlabeled": True}))
+
+
+def test_each_table_names_the_error_it_shows_and_the_readme_agrees(tmp_path, repo_root):
+    from tools.report import DEFAULT_METRIC, METRICS
+
+    _hand_written_run(tmp_path / "runs" / "plain", False, (0.30, 0.20, 0.10))
+    _hand_written_run(tmp_path / "runs" / "meta", True, (0.25, 0.15, 0.05))
+    for metric, row2 in ((None, "25.00"), ("median_last_test_error", "15.00")):
+        args = [str(tmp_path / "runs"), "--out", str(tmp_path / f"out-{metric}")] + (["--metric", metric] if metric else [])
+        assert main(args) == 0
+        text = (tmp_path / f"out-{metric}" / "report.md").read_text()
+        (table,) = markdown_tables(section(text, "## Ablation"))
+        column = METRICS[metric or DEFAULT_METRIC][0]
+        assert table[0][3] == column and {r[0]: r[3] for r in table[1:]}["2"] == row2
+        assert f"`{metric or DEFAULT_METRIC}` in final.json" in text
+    # test_error is the last evaluation (the default of the report), median_last_test_error the median.
+    assert DEFAULT_METRIC == "test_error" and "last evaluation" in METRICS[DEFAULT_METRIC][1]
+    readme = " ".join((repo_root / "README.md").read_text().split())
+    assert "`test_error` (the last evaluation)" in readme and "`median_last_test_error` (the median" in readme
+    table4 = readme[readme.index("## Results on digits"):readme.index("| Table 4 row")]
+    assert "`test_error` of final.json, the last evaluation" in table4 and "median" not in table4

@@ -14,8 +14,13 @@ from pathlib import Path
 
 from tools.runs import VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
 
-METRICS = {"test_error": "final test error", "best_test_error": "best test error over the evaluations",
-           "median_last_test_error": "median test error of the last evaluations"}
+# The errors of final.json a table can show: key -> (column heading, what it is). The default,
+# test_error, is the last evaluation, the number SSL papers report at the end of training.
+METRICS = {"test_error": ("Final test error", "final test error, the last evaluation"),
+           "best_test_error": ("Best test error", "best test error over the evaluations"),
+           "median_last_test_error": ("Median last test error",
+                                      "median test error of the last train.keep_last_evals evaluations")}
+DEFAULT_METRIC = "test_error"
 # Table 4's rows in the paper's order: (unlabeled, meta, mixup); the labeled-only baseline first.
 ABLATION_ROWS = ((False, False, False), (True, False, False), (True, True, False), (True, False, True),
                  (True, True, True))
@@ -138,7 +143,7 @@ def _pct(value) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "–"
 
 
-def build_report(paths: list, out: Path, metric: str = "test_error", command: str = "", warn=None) -> Report:
+def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: str = "", warn=None) -> Report:
     from tools import plots
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
@@ -151,11 +156,12 @@ def build_report(paths: list, out: Path, metric: str = "test_error", command: st
     md = [f"# Results of {len(runs)} run{'s' if len(runs) > 1 else ''}", ""]
     if command:
         md += [f"Made with `{command}` on {time.strftime('%Y-%m-%d %H:%M')}.", ""]
-    md += [f"Errors are in percent; the error of a run is its {METRICS[metric]} (`{metric}` in final.json). "
+    column, meaning = METRICS[metric]
+    md += [f"Errors are in percent; Figure 2 and Table 4 show each run's {meaning} (`{metric}` in final.json). "
            "Where runs repeat one experiment with different seeds, a cell reads mean ± sample standard "
            "deviation over the seeds.", "", "## Runs", ""]
     has_top5 = any("test_top5_error" in r.final for r in runs)
-    header = ["Run", "Data", "Model", "Labels", "Method", "Seed", "Steps", "Test error", "Best test error"]
+    header = ["Run", "Data", "Model", "Labels", "Method", "Seed", "Steps", "Final test error", "Best test error"]
     header += ["Test top-5 error"] if has_top5 else []
     rows = []
     for r in runs:
@@ -187,7 +193,7 @@ def build_report(paths: list, out: Path, metric: str = "test_error", command: st
         report.figures["error_vs_labels"] = (plots.save(fig, out / FIGURE2), fig)
         md += [f"![test error against the number of labels]({FIGURE2})", ""]
         for title, lines in report.labels_panels:
-            md += [f"**{title}**", "", _md_table(["Method", "Labels", "Test error", "Seeds"], [
+            md += [f"**{title}**", "", _md_table(["Method", "Labels", column, "Seeds"], [
                 [m, n, cell.percent(), len(cell.values)] for m in sorted(lines, key=plots.method_rank)
                 for n, cell in lines[m]]), ""]
     else:
@@ -202,7 +208,7 @@ def build_report(paths: list, out: Path, metric: str = "test_error", command: st
             number = ABLATION_ROWS.index((unlabeled, meta, mixup))  # the paper's row number; 0: baseline
             body.append([number or "labeled-only", "✓" if meta else "", "✓" if mixup else "", cell.percent(),
                          len(cell.values)])
-        md += [f"**{table.title}**", "", _md_table(["No.", "Meta", "Mix-Up", "Test error", "Seeds"], body), ""]
+        md += [f"**{table.title}**", "", _md_table(["No.", "Meta", "Mix-Up", column, "Seeds"], body), ""]
     if not report.tables:
         md += ["Not formed: no experiment was trained with two or more of the meta x mixup variants. "
                "Train them with `--set method.meta=false`, "
@@ -224,8 +230,9 @@ def main(argv=None) -> int:
                    help="run folders, or folders searched for run folders (those holding final.json)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="folder for report.md and its "
                    "figures (default: runs/report)")
-    p.add_argument("--metric", default="test_error", choices=tuple(METRICS),
-                   help="which error of final.json the tables and Figure 2 use (default: test_error)")
+    p.add_argument("--metric", default=DEFAULT_METRIC, choices=tuple(METRICS),
+                   help=f"which error of final.json Table 4 and Figure 2 use (default: {DEFAULT_METRIC}, the "
+                        "last evaluation; median_last_test_error: the median of the last train.keep_last_evals)")
     args = p.parse_args(argv)
     command = "python -m tools.report " + " ".join(sys.argv[1:] if argv is None else argv)
     try:

@@ -53,14 +53,15 @@ def main(argv=None) -> int:
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     resume = args.resume or restarts_allowed or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    from train.checkpoint import CheckpointError  # these import torch: keep `--help` and config errors fast
+    from pipelines.dali import CorruptImageError  # these import torch: keep `--help` and config errors fast
+    from train.checkpoint import CheckpointError
     from train.distributed import DeviceError
     from train.engine import NonFiniteLossError, RanksDivergedError, run
 
     # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
     # keeps its traceback.
     expected = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, CheckpointError,
-                NonFiniteLossError, RanksDivergedError, DeviceError)
+                NonFiniteLossError, RanksDivergedError, DeviceError, CorruptImageError)
     try:
         summary = run(cfg, out, resume=resume, argv=argv)
     except expected as e:

@@ -5,6 +5,7 @@ A key that no dataclass declares is an error that names the closest valid key.
 """
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class MethodConfig:
                              "and method.mixup=false")
         if self.eps <= 0 or self.mixup_gamma <= 0:
             raise ValueError("method.eps and method.mixup_gamma must be positive")
+        _at_least("method.consistency_rampup", self.consistency_rampup, 0, "steps (0: full weight from the start)")
 
 
 @dataclass
@@ -63,6 +65,11 @@ class OptimConfig:
     def __post_init__(self):
         _choice("optim.schedule", self.schedule, ("step", "cosine"))
         _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "loop"))
+        if not self.lr > 0:  # `not >` also catches NaN
+            raise ValueError(f"optim.lr={self.lr}: the learning rate must be positive (e.g. 0.1)")
+        _at_least("optim.warmup_steps", self.warmup_steps, 0, "steps (0: no warm-up)")
+        if self.warmup_epochs is not None:
+            _at_least("optim.warmup_epochs", self.warmup_epochs, 0, "epochs (0: no warm-up)")
 
 
 @dataclass
@@ -72,7 +79,7 @@ class TrainConfig:
     eval_every: int = 400  # steps between test evaluations
     log_every: int = 100  # steps between reads of the training statistics (a host-device sync)
     checkpoint_every: int = 2000  # steps between checkpoints (and one at the end)
-    keep_last_evals: int = 10  # final.json reports the median test error over this many last evaluations
+    keep_last_evals: int = 10  # final.json's median_last_test_error is the median of this many last evaluations
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
     compile: bool = False  # torch.compile the network
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -88,6 +95,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train.steps={self.steps}: a run needs at least 1 step")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"train.epochs={self.epochs}: give a positive number of passes over the unlabeled set")
 
 
 @dataclass
@@ -101,8 +112,15 @@ class Config:
 
     def __post_init__(self):
         _choice("model.name", self.model.name, tuple(MODELS))
+        if not 0 <= self.seed < 2**32:  # the range NumPy's global generator takes
+            raise ValueError(f"seed={self.seed}: give a whole number from 0 to {2**32 - 1}")
         if self.method.mixup and self.method.unlabeled is False:
             raise ValueError("method.mixup needs unlabeled data")
+
+
+def _at_least(key, value, low, unit):
+    if not value >= low:
+        raise ValueError(f"{key}={value}: must be at least {low} {unit}")
 
 
 def _choice(key, value, choices):
@@ -116,6 +134,17 @@ def _choice(key, value, choices):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# YAML 1.1, which PyYAML speaks, reads `1e-3` and `4e5` as strings (it wants a dot and a signed
+# exponent). A number written like that is still a number wherever the config expects one.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -148,11 +177,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif hint is int:
+        value = _as_number(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        value = _as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
@@ -207,13 +238,27 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _yaml_problem(error: yaml.YAMLError) -> tuple[object, str]:
+    """(line, what is wrong there) of a YAML error, on one line; PyYAML's own text spans several."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return "?", problem
+    return mark.line + 1, f"{problem} (column {mark.column + 1})"
+
+
 def read_yaml(path: Path, _seen: tuple = ()) -> dict:
     """Load a YAML experiment file, merging the files it names under `base:` beneath it."""
     path = Path(path).resolve()
     if path in _seen:
         raise ValueError(f"config files include each other in a loop: {' -> '.join(map(str, _seen + (path,)))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line, problem = _yaml_problem(e)
+        raise ValueError(f"{path}:{line}: not valid YAML: {problem}; fix that line of the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; a config is a YAML file of keys and values") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys at the top level")
     bases = data.pop("base", None) or []
@@ -228,7 +273,12 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.steps=1000)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        _, problem = _yaml_problem(e)
+        raise ValueError(f"--set {text}: the value is not valid YAML ({problem}); quote it if it is text, "
+                         "e.g. --set 'data.root=\"a: b\"'") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
