@@ -12,13 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.runs import VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
+from tools.runs import TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
 
 METRICS = {"test_error": "final test error", "best_test_error": "best test error over the evaluations",
            "median_last_test_error": "median test error of the last evaluations"}
 # Table 4's rows in the paper's order: (unlabeled, meta, mixup); the labeled-only baseline first.
-ABLATION_ROWS = ((False, False, False), (True, False, False), (True, True, False), (True, False, True),
-                 (True, True, True))
+ABLATION_ROWS = tuple(TABLE4_VARIANTS.values())
 FIGURE1, FIGURE2 = "accuracy_curves.png", "error_vs_labels.png"
 
 
