@@ -111,7 +111,8 @@ def plan(config: str, seeds: list[int], rows: list[str], sets: list[str], out: P
 
 def settings_differ(run: Planned) -> list[str]:
     """How an existing run folder's config.yaml differs from what the study would train there
-    (keys that do not change what is learnt, such as paths and logging, aside)."""
+    (keys that do not change what is learnt, such as paths and logging, aside; for an unfinished
+    run also those a resume may change, such as the step count)."""
     import yaml
 
     path = run.path / CONFIG
@@ -120,6 +121,10 @@ def settings_differ(run: Planned) -> list[str]:
     saved = flatten(yaml.safe_load(path.read_text()) or {})
     wanted = flatten(yaml.safe_load(yaml.safe_dump(run.config)))  # as the run folder would hold it
     ignore = set(NOT_THE_EXPERIMENT) - {"seed"}
+    if run.state == "unfinished":
+        from train.engine import RESUMABLE_CHANGES
+
+        ignore |= set(RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k, '<absent>')!r} there, {wanted.get(k, '<absent>')!r} here"
             for k in sorted(set(saved) | set(wanted)) if k not in ignore and saved.get(k) != wanted.get(k)]
 
