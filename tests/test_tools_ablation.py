@@ -120,3 +120,14 @@ def test_stop_interrupts_each_run_as_ctrl_c_would():
 def test_seeds_parse_as_ranges_and_lists():
     assert ablation.parse_seeds("0-2") == [0, 1, 2]
     assert ablation.parse_seeds("0,3,5-6") == [0, 3, 5, 6]
+
+
+def test_the_readme_lists_the_rows_as_the_study_trains_them(repo_root):
+    text = (repo_root / "README.md").read_text()
+    table = text[text.index("| `--rows` name |"):].split("\n\n")[0].splitlines()[2:]
+    listed = {}
+    for line in table:
+        name, _, overrides = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        listed[name] = tuple(overrides.split()) if overrides != "(none)" else ()
+    assert listed == TABLE4_ROWS
+    assert "python -m tools.ablation digits --seeds 0-9 --out runs/table4" in text
