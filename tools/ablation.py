@@ -29,7 +29,7 @@ from tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGS = "logs"
-STOP_GRACE_S = 60  # how long a stopped run may take to leave (it finishes its step and exits)
+STOP_GRACE_S = 120  # how long a stopped run may take to leave (on a busy machine, tens of seconds)
 PROGRESS_EVERY_S = 30
 
 
@@ -168,7 +168,17 @@ def child_env(threads: int) -> dict:
 
 
 def stop(children: dict, say: Callable[[str], None], grace_s: float = STOP_GRACE_S) -> None:
-    """Ask each run to stop as Ctrl-C would (it keeps its last checkpoint), then wait; kill what stays."""
+    """Ask each run to stop as Ctrl-C would (it keeps its last checkpoint), then wait; kill what stays.
+    A second Ctrl-C meanwhile is ignored, so that no run is left behind."""
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _stop(children, say, grace_s)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _stop(children: dict, say: Callable[[str], None], grace_s: float) -> None:
     for proc in children:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -181,6 +191,16 @@ def stop(children: dict, say: Callable[[str], None], grace_s: float = STOP_GRACE
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _interruptible() -> None:
+    """In a run, before it starts: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt even when the study was started where SIGINT is ignored (`cmd &`, nohup)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _clock(seconds: float) -> str:
@@ -219,7 +239,7 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
                 log.flush()
                 # Its own session: a Ctrl-C in the terminal reaches the study only, which passes it on once.
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_interruptible)
                 children[proc] = (run, time.monotonic(), log)
                 say(f"started {run.name}")
             time.sleep(0.5)
@@ -240,8 +260,8 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
                 states = []
                 for run, _, _ in children.values():
                     step = last_step(run.path)
-                    states.append(f"{run.name} step {step if step is not None else 0}"
-                                  + (f"/{run.total_steps}" if run.total_steps else ""))
+                    states.append(f"{run.name} " + ("(no step logged yet)" if step is None else f"step {step}"
+                                                    + (f"/{run.total_steps}" if run.total_steps else "")))
                 say(f"[{_clock(time.monotonic() - began)}] {done}/{len(todo)} done, {len(pending)} waiting; "
                     f"running: {', '.join(states)}")
     except KeyboardInterrupt:
@@ -289,11 +309,16 @@ def main(argv=None) -> int:
         f"{len(todo)} to train, {args.jobs} at a time with {args.threads} thread(s) each")
     for run in left:
         say(f"leaving {run.name} alone: unfinished (still training, or stopped); add --resume to continue it")
+    # `kill PID` (SIGTERM), and SIGINT where the shell started the study with it ignored, stop it as Ctrl-C does.
+    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         failed = run_all(todo, jobs=args.jobs, threads=args.threads, out=args.out, say=say)
     except KeyboardInterrupt:
         print("interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
     from tools.report import build_report
 
