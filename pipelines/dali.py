@@ -147,6 +147,24 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], transform: Trans
     return p
 
 
+def build_decode_pipeline(files: Sequence[str], *, batch_size: int, device_id: Optional[int] = None,
+                          num_threads: int = 1):
+    """A built DALI pipeline that reads `files` in order and only decodes them (RGB uint8 HWC, each
+    at its own size), with the reader and decoder of `build_pipeline`: for checking the decode
+    itself. It runs synchronously, so the time of `run()` is the time of the work."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def pipe():
+        jpegs, _ = fn.readers.file(files=list(files), random_shuffle=False, pad_last_batch=True, name="reader")
+        return fn.decoders.image(jpegs, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
+
+    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, prefetch_queue_depth=1,
+             exec_async=False, exec_pipelined=False)
+    p.build()
+    return p
+
+
 def to_torch(images, labels, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """DALI outputs -> float32 (B, C, H, W) channels_last and int64 (B,) on `device`."""
     from nvidia.dali.plugin.pytorch import feed_ndarray

@@ -4,7 +4,9 @@ import re
 import shutil
 import statistics
 
+import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from tool_runs import RUNS, shared_runs
@@ -72,16 +74,28 @@ def test_the_report_and_its_figures_are_written(report):
         assert_png(path, fig)
 
 
-def test_figure1_draws_every_runs_test_accuracy(report, runs_root):
+def test_figure1_draws_one_line_per_variant_with_the_spread_of_its_seeds(report, runs_root):
     _, fig = report.figures["accuracy_curves"]
     (ax,) = fig.axes  # digits has 10 classes: no top-5 panel
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert sorted(lines) == sorted(RUNS)
-    for name in RUNS:
-        evals = read_evals(runs_root / name)
-        assert list(lines[name].get_xdata()) == [e["step"] for e in evals]
-        assert list(lines[name].get_ydata()) == pytest.approx([100 * (1 - e["top1_error"]) for e in evals])
-        assert evals[-1]["top1_error"] == pytest.approx(finals(runs_root)[name]["test_error"])
+    variants = {name.rsplit("-s", 1)[0] for name in RUNS}  # labels50/full-s0 and -s1 are one variant
+    assert len(lines) == len(variants) == 7
+    full = lines["meta + mixup · data.labels=50 (2 seeds)"]
+    seeds = [read_evals(runs_root / f"labels50/full-s{s}") for s in (0, 1)]
+    assert list(full.get_xdata()) == [e["step"] for e in seeds[0]]
+    expected = [100 * (1 - (a["top1_error"] + b["top1_error"]) / 2) for a, b in zip(*seeds)]
+    assert list(full.get_ydata()) == pytest.approx(expected)
+    one = lines["mixup · data.labels=50 (1 seed)"]
+    evals = read_evals(runs_root / "labels50/mixup-s0")
+    assert list(one.get_ydata()) == pytest.approx([100 * (1 - e["top1_error"]) for e in evals])
+    assert evals[-1]["top1_error"] == pytest.approx(finals(runs_root)["labels50/mixup-s0"]["test_error"])
+    assert len(ax.collections) == 2  # a band for each of the two variants with two seeds
+    (band,) = [c for c in ax.collections if np.allclose(c.get_facecolor()[0][:3], to_rgb(full.get_color()))]
+    edges = band.get_paths()[0].vertices[:, 1]
+    lows = [100 * (1 - max(a["top1_error"], b["top1_error"])) for a, b in zip(*seeds)]
+    highs = [100 * (1 - min(a["top1_error"], b["top1_error"])) for a, b in zip(*seeds)]
+    assert min(edges) == pytest.approx(min(lows)) and max(edges) == pytest.approx(max(highs))
+    assert set(np.round(edges, 6)) == set(np.round(lows + highs, 6))
 
 
 def test_figure2_plots_mean_and_std_over_seeds_against_labels(report, runs_root):
@@ -110,8 +124,14 @@ def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
     final = finals(runs_root)
     text = section(report.path.read_text(), "## Ablation")
     assert "50 labels" in text and "100 labels" not in text  # 100 labels has only the full method
-    (table,) = markdown_tables(text)
+    table, paired = markdown_tables(text)
     assert table[0] == ["No.", "Meta", "Mix-Up", "Final test error", "Seeds"]
+    # Meta on minus off for the seed both rows have: seed 0 (full-s1 has no mixup-s1 to pair with).
+    rows = {r[0]: r for r in paired[1:]}
+    for label, on, off in (("row 2 − row 1 (no mixup)", "meta", "plain"), ("row 4 − row 3 (with mixup)", "full", "mixup")):
+        difference = 100 * (final[f"labels50/{on}-s0"]["test_error"] - final[f"labels50/{off}-s0"]["test_error"])
+        assert rows[label][1] == "1" and rows[label][2] == f"s0 {difference:+.2f}" and rows[label][4] == "–"
+    assert "seed 1 is in one row only" in text and "not established" in text
     rows = {r[0]: r for r in table[1:]}
     assert list(rows) == ["labeled-only", "1", "2", "3", "4"]
     expected = {"labeled-only": ("baseline", "", ""), "1": ("plain", "", ""), "2": ("meta", "✓", ""),
@@ -194,7 +214,7 @@ def test_a_resumed_run_repeating_an_evaluation_step_is_drawn_once(runs_root, tmp
 
 def test_a_top5_panel_appears_when_runs_logged_top5():
     rows = [{"step": s, "top1_error": 0.5, "top5_error": 0.2} for s in (10, 20)]
-    fig = plots.accuracy_curves([("a", rows), ("b", rows)])
+    fig = plots.accuracy_curves([("a", [rows]), ("b", [rows, rows])])
     assert len(fig.axes) == 2
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([80.0, 80.0])
 

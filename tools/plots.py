@@ -25,27 +25,43 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     return path
 
 
-def accuracy_curves(curves: list[tuple[str, list[dict]]], title: str = "") -> Figure:
-    """Figure 1: test accuracy (%) against training steps, one line per run; a second panel for
-    top-5 accuracy when the runs logged it (data sets with more than 10 classes)."""
-    has_top5 = any("top5_error" in row for _, rows in curves for row in rows)
-    legend_outside = len(curves) > 6
+def mean_curve(seeds: list[list[dict]], key: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(steps, mean, min, max) of the test accuracy (%) over the seeds of one variant, at the steps
+    that every seed evaluated; None if there are none."""
+    by_seed = [{r["step"]: 100.0 * (1.0 - r[key]) for r in rows if key in r} for rows in seeds]
+    steps = sorted(set.intersection(*(set(d) for d in by_seed))) if by_seed else []
+    if not steps:
+        return None
+    acc = np.array([[d[s] for s in steps] for d in by_seed])  # (seeds, steps)
+    return np.asarray(steps), acc.mean(axis=0), acc.min(axis=0), acc.max(axis=0)
+
+
+def accuracy_curves(variants: list[tuple[str, list[list[dict]]]], title: str = "") -> Figure:
+    """Figure 1: test accuracy (%) against training steps, one line per variant: the mean over its
+    seeds, with a band from the lowest to the highest seed where it has more than one. `variants`:
+    [(name, [the evaluation rows of each seed])]. A second panel for top-5 accuracy when the runs
+    logged it (data sets with more than 10 classes)."""
+    has_top5 = any("top5_error" in row for _, seeds in variants for rows in seeds for row in rows)
+    legend_outside = len(variants) > 6
     fig = new_figure((11 if has_top5 else 6.5) + (3 if legend_outside else 0), 4)
     keys = [("top1_error", "top-1")] + ([("top5_error", "top-5")] if has_top5 else [])
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    styles = ("-", "--", ":", "-.")  # past ten runs the colours repeat: the line style tells them apart
+    styles = ("-", "--", ":", "-.")  # past ten variants the colours repeat: the line style tells them apart
     for ax, (key, label) in zip(axes, keys):
-        for i, (name, rows) in enumerate(curves):
-            points = [(r["step"], 100.0 * (1.0 - r[key])) for r in rows if key in r]
-            if points:
-                steps, acc = zip(*points)
-                ax.plot(steps, acc, linestyle=styles[(i // 10) % len(styles)], marker="o" if len(points) < 30 else None,
-                        markersize=3, label=name)
+        for i, (name, seeds) in enumerate(variants):
+            curve = mean_curve(seeds, key)
+            if curve is None:
+                continue
+            steps, mean, low, high = curve
+            (line,) = ax.plot(steps, mean, linestyle=styles[(i // 10) % len(styles)],
+                              marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+            if len(seeds) > 1:
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"test {label} accuracy (%)")
         ax.grid(alpha=0.3)
     if legend_outside:
-        axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), ncols=1 + len(curves) // 25)
+        axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), ncols=1 + len(variants) // 25)
     else:
         axes[0].legend(fontsize="small", loc="best")
     if title:

@@ -1,8 +1,10 @@
 """python -m tools.report RUN_DIR [RUN_DIR ...] --out DIR
 
 A markdown report (DIR/report.md) with PNG figures, made from finished run folders: the test
-accuracy curves of every run (the paper's Figure 1), the error against the number of labels where
-runs differ in it (Figure 2) and the meta x mixup ablation table (Table 4) where the runs form one.
+accuracy curves of every variant, mean and spread over its seeds (the paper's Figure 1), the error
+against the number of labels where runs differ in it (Figure 2), and the meta x mixup ablation table
+(Table 4) where the runs form one, with the meta term on against off compared seed by seed (paired
+differences, their 95% interval, a paired t-test and a verdict).
 Each argument is a run folder or a folder searched for run folders below it."""
 import argparse
 import statistics
@@ -12,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.runs import VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
+from tools.stats import PairedT, paired_t
+from tools.runs import TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
 
 # The errors of final.json a table can show: key -> (column heading, what it is). The default,
 # test_error, is the last evaluation, the number SSL papers report at the end of training.
@@ -22,8 +25,7 @@ METRICS = {"test_error": ("Final test error", "final test error, the last evalua
                                       "median test error of the last train.keep_last_evals evaluations")}
 DEFAULT_METRIC = "test_error"
 # Table 4's rows in the paper's order: (unlabeled, meta, mixup); the labeled-only baseline first.
-ABLATION_ROWS = ((False, False, False), (True, False, False), (True, True, False), (True, False, True),
-                 (True, True, True))
+ABLATION_ROWS = tuple(TABLE4_VARIANTS.values())
 FIGURE1, FIGURE2 = "accuracy_curves.png", "error_vs_labels.png"
 
 
@@ -59,6 +61,8 @@ class Report:
     figures: dict = field(default_factory=dict)  # name -> (png path, matplotlib Figure)
     tables: list = field(default_factory=list)  # AblationTable
     labels_panels: list = field(default_factory=list)
+    curve_variants: list = field(default_factory=list)  # Figure 1's lines: [(label, [Run])]
+    paired: list = field(default_factory=list)  # [(table title, [Paired])]: meta on vs off, seed by seed
 
 
 def metric_of(run: Run, metric: str):
@@ -110,6 +114,118 @@ def ablation_tables(runs: list[Run], metric: str, warn=print) -> list[AblationTa
         if len(rows) >= 2:
             tables.append(AblationTable(_title(members[0], key, extra), rows))
     return tables
+
+
+def curve_variants(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """Figure 1's lines: the runs grouped into variants (runs equal in all but the seed), each named by
+    its method, the settings in which it differs from the other variants, and its seed count."""
+    groups = _group(runs, ())
+    extra = [k for k in differing_keys(list(groups)) if k not in VARIANT_KEYS]
+    named = []
+    for key, members in groups.items():
+        values = dict(key)
+        parts = [members[0].method] + [f"{k}={values.get(k, '<absent>').strip(chr(39))}" for k in extra]
+        seeds = len(members)
+        named.append((" · ".join(parts) + f" ({seeds} seed{'s' if seeds > 1 else ''})", members))
+    return sorted(named, key=lambda item: (ABLATION_ROWS.index(_variant(item[1][0])), item[0]))
+
+
+def _variant(run: Run) -> tuple:
+    return run.unlabeled, run.meta, run.mixup
+
+
+# The paired comparisons of the meta term, on against off with all else equal: (on, off) rows of TABLE4_ROWS.
+META_PAIRS = (("meta", "none", "row 2 − row 1 (no mixup)"), ("both", "mixup", "row 4 − row 3 (with mixup)"))
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class Paired:
+    """Meta on minus meta off, seed by seed, in one experiment."""
+    label: str
+    seeds: list  # the seeds trained in both rows
+    differences: list  # error with meta minus error without, fractions, one per seed
+    test: PairedT
+    unmatched: list = field(default_factory=list)  # seeds trained in only one of the two rows
+
+    @property
+    def better(self) -> int:
+        return sum(d < 0 for d in self.differences)
+
+    @property
+    def established(self) -> bool:
+        return self.test.p is not None and self.test.p < SIGNIFICANCE
+
+    def verdict(self) -> str:
+        t = self.test
+        if t.p is None:
+            return (f"{self.label}: not established: {t.n} seed in both rows, no interval; train at least 3 "
+                    "seeds of each")
+        effect = "lowers" if t.mean < 0 else "raises"
+        numbers = (f"{abs(100 * t.mean):.2f} points on average, 95% interval [{100 * t.low:+.2f}, "
+                   f"{100 * t.high:+.2f}], p = {t.p:.3g}, {t.n} seeds")
+        if self.established:
+            return f"{self.label}: established: the meta term {effect} the error ({numbers})"
+        return (f"{self.label}: not established: the meta term {effect} the error by {numbers}; the interval "
+                "includes 0")
+
+
+def paired_meta(table: AblationTable, warn=print) -> list[Paired]:
+    """Meta on against meta off (rows 2 vs 1 and 4 vs 3) for the seeds that one table's rows share."""
+    by_variant = {(unlabeled, meta, mixup): (cell, members) for unlabeled, meta, mixup, cell, members in table.rows}
+    out = []
+    for on, off, label in META_PAIRS:
+        if TABLE4_VARIANTS[on] not in by_variant or TABLE4_VARIANTS[off] not in by_variant:
+            continue
+        errors = []
+        for name in (on, off):
+            cell, members = by_variant[TABLE4_VARIANTS[name]]
+            by_seed = {}
+            for run, value in zip(members, cell.values):
+                seed = run.get("seed")
+                if seed in by_seed:
+                    warn(f"{run.path}: a second run of seed {seed} in one row; the paired comparison uses the first")
+                    continue
+                by_seed[seed] = value
+            errors.append(by_seed)
+        seeds = sorted(set(errors[0]) & set(errors[1]), key=str)
+        unmatched = sorted(set(errors[0]) ^ set(errors[1]), key=str)
+        if not seeds:
+            continue
+        differences = [errors[0][s] - errors[1][s] for s in seeds]
+        out.append(Paired(label, seeds, differences, paired_t(differences), unmatched))
+    return out
+
+
+def paired_markdown(comparisons: list[Paired]) -> list[str]:
+    rows = []
+    for c in comparisons:
+        t = c.test
+        per_seed = ", ".join(f"s{s} {100 * d:+.2f}" for s, d in zip(c.seeds, c.differences))
+        interval = f"[{100 * t.low:+.2f}, {100 * t.high:+.2f}]" if t.low is not None else "–"
+        ties = sum(d == 0 for d in c.differences)
+        rows.append([c.label, t.n, per_seed, f"{100 * t.mean:+.2f}", interval,
+                     f"{t.p:.3g}" if t.p is not None else "–",
+                     f"{c.better} of {t.n}" + (f" ({ties} tie{'s' if ties > 1 else ''})" if ties else "")])
+    md = ["Meta on minus meta off, same seed, in points of test error (negative: the meta term helps); "
+          "the 95% interval and the two-sided p-value are those of a paired t-test.", "",
+          _md_table(["Comparison", "Seeds", "Per seed", "Mean", "95% interval", "p", "Meta better in"], rows), ""]
+    for c in comparisons:
+        if c.unmatched:
+            many = len(c.unmatched) > 1
+            md += [f"{c.label}: seed{'s' if many else ''} {', '.join(map(str, c.unmatched))} "
+                   f"{'are' if many else 'is'} in one row only and left out.", ""]
+    md += [f"- {c.verdict()}" for c in comparisons] + [""]
+    established = [c for c in comparisons if c.established]
+    same_sign = len({c.test.mean < 0 for c in comparisons}) == 1
+    if comparisons and len(established) == len(comparisons) and same_sign:
+        effect = "gain" if comparisons[0].test.mean < 0 else "harm"
+        md += [f"**Verdict: the meta term's {effect} is established** (p < {SIGNIFICANCE} in "
+               f"{'each comparison' if len(comparisons) > 1 else 'the comparison'}).", ""]
+    else:
+        md += [f"**Verdict: the meta term's effect is not established** (p < {SIGNIFICANCE} in {len(established)} "
+               f"of {len(comparisons)} comparison{'s' if len(comparisons) > 1 else ''}).", ""]
+    return md
 
 
 def labels_panels(runs: list[Run], metric: str) -> list[tuple[str, dict]]:
@@ -174,11 +290,13 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
         md += ["Skipped, not finished (no final.json): " + ", ".join(f"`{p}`" for p in skipped), ""]
 
     md += ["## Test accuracy during training (Figure 1)", ""]
-    curves = [(r.name, r.evals) for r in runs if r.evals]
-    if curves:
-        fig = plots.accuracy_curves(curves)
+    report.curve_variants = curve_variants([r for r in runs if r.evals])
+    if report.curve_variants:
+        fig = plots.accuracy_curves([(label, [r.evals for r in members]) for label, members in report.curve_variants])
         report.figures["accuracy_curves"] = (plots.save(fig, out / FIGURE1), fig)
-        md += [f"![test accuracy against training steps]({FIGURE1})", ""]
+        md += [f"![test accuracy against training steps]({FIGURE1})", "",
+               "One line per variant: the mean over its seeds at the steps all of them evaluated; the band "
+               "runs from the lowest to the highest seed.", ""]
         missing = [r.name for r in runs if not r.evals]
         if missing:
             md += ["No evaluations in metrics.jsonl, so no curve, for: " + ", ".join(missing), ""]
@@ -209,6 +327,10 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
             body.append([number or "labeled-only", "✓" if meta else "", "✓" if mixup else "", cell.percent(),
                          len(cell.values)])
         md += [f"**{table.title}**", "", _md_table(["No.", "Meta", "Mix-Up", column, "Seeds"], body), ""]
+        comparisons = paired_meta(table, warn=warn)
+        if comparisons:
+            report.paired.append((table.title, comparisons))
+            md += paired_markdown(comparisons)
     if not report.tables:
         md += ["Not formed: no experiment was trained with two or more of the meta x mixup variants. "
                "Train them with `--set method.meta=false`, "

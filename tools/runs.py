@@ -24,6 +24,19 @@ NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size
                       "train.progress", "train.tensorboard", "train.device", "train.compile")
 # The switches that Table 4 varies, and the baseline switch.
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
+# The rows of an ablation study: the labeled-only baseline and Table 4's rows 1-4, each as the
+# `--set` overrides of `python -m train` that make it from a config that switches meta and mixup on
+# (every config in configs/ does). tools.ablation trains them into folders named <row>-s<seed>.
+TABLE4_ROWS = {
+    "labeled": ("method.unlabeled=false", "method.meta=false", "method.mixup=false"),
+    "none": ("method.meta=false", "method.mixup=false"),  # row 1: consistency only
+    "meta": ("method.mixup=false",),  # row 2
+    "mixup": ("method.meta=false",),  # row 3
+    "both": (),  # row 4: Algorithm 2
+}
+# What each row switches on: (method.unlabeled, method.meta, method.mixup).
+TABLE4_VARIANTS = {"labeled": (False, False, False), "none": (True, False, False), "meta": (True, True, False),
+                   "mixup": (True, False, True), "both": (True, True, True)}
 
 
 # The keys of final.json that name an experiment, and the config keys they come from.

@@ -1,0 +1,133 @@
+"""tools.ablation on tiny digits runs: which runs it trains, skips, leaves alone and resumes, and
+that run folders made by hand with `python -m train` are the same runs."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tool_runs import COMMON, train_digits
+from tools import ablation
+from tools.runs import TABLE4_ROWS
+
+
+def starts(run_dir):
+    return [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
+
+
+def by_hand(out, row, seed, *extra):
+    """The run `python -m train digits --out OUT/<row>-s<seed> --set seed=<seed> <row overrides>` would make."""
+    return train_digits(out / f"{row}-s{seed}", (f"seed={seed}", *TABLE4_ROWS[row], *extra))
+
+
+def study(out, *extra):
+    return ablation.main(["digits", "--seeds", "0-1", "--rows", "none,both", "--out", str(out), "--jobs", "2",
+                          "--set", *COMMON, *extra])
+
+
+@pytest.mark.slow
+def test_a_study_skips_finished_runs_leaves_unfinished_ones_alone_and_resumes_them_on_request(tmp_path, capsys):
+    out = tmp_path / "study"
+    by_hand(out, "none", 0)  # finished, made by hand
+    unfinished = by_hand(out, "both", 1, "train.steps=10")  # as if stopped at step 10 of 20
+    (unfinished / "final.json").unlink()
+
+    assert study(out) == 1  # both-s1 is left unfinished
+    said = capsys.readouterr()
+    assert "4 runs" in said.out and "1 finished already, 2 to train" in said.out
+    assert "leaving both-s1 alone" in said.out and "both-s1" in said.err
+    assert len(starts(out / "none-s0")) == 1  # not trained again
+    for name in ("none-s1", "both-s0"):
+        final = json.loads((out / name / "final.json").read_text())
+        assert final["steps"] == 20 and final["seed"] == int(name[-1])
+        assert starts(out / name)[0]["argv"][:4] == ["digits", "--out", str(out / name), "--set"]
+        assert (out / "logs" / f"{name}.log").is_file()
+    assert json.loads((out / "none-s1" / "final.json").read_text())["meta"] is False
+    assert json.loads((out / "both-s0" / "final.json").read_text())["meta"] is True
+    assert not (unfinished / "final.json").exists() and len(starts(unfinished)) == 1
+    report = (out / "report.md").read_text()
+    assert "Skipped, not finished" in report and "both-s1" in report and "row 4 − row 3" not in report
+
+    assert study(out) == 1 and "1 finished already" not in capsys.readouterr().out  # still left alone
+    assert study(out, "--resume") == 0
+    said = capsys.readouterr().out
+    assert "3 finished already, 1 to train" in said and "finished both-s1" in said
+    assert [s["resumed_from_step"] for s in starts(unfinished)] == [0, 10]
+    assert json.loads((unfinished / "final.json").read_text())["steps"] == 20
+    report = (out / "report.md").read_text()
+    assert "Skipped" not in report and "| row 2 − row 1" not in report  # rows none and both only
+    assert "| 1 |  |  |" in report and "| 4 | ✓ | ✓ |" in report
+
+
+def test_a_finished_run_with_other_settings_is_refused_before_anything_trains(tmp_path, capsys):
+    from train.config import load_config, to_dict
+
+    folder = tmp_path / "study" / "none-s0"
+    folder.mkdir(parents=True)
+    cfg = to_dict(load_config("digits", ("seed=0", *COMMON, *TABLE4_ROWS["none"], "optim.lr=0.05")))
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "final.json").write_text(json.dumps({"test_error": 0.1}))
+    assert study(tmp_path / "study") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "none-s0" in err and "optim.lr: 0.05 there, 0.1 here" in err
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["none-s0"]
+
+
+def test_the_rows_are_the_readme_overrides_and_win_over_set(tmp_path):
+    runs = ablation.plan("digits", [0, 2], ["labeled", "none", "meta", "mixup", "both"], ["train.steps=5"],
+                         tmp_path)
+    assert [r.name for r in runs] == ["labeled-s0", "labeled-s2", "none-s0", "none-s2", "meta-s0", "meta-s2",
+                                      "mixup-s0", "mixup-s2", "both-s0", "both-s2"]
+    none = runs[2]
+    assert none.argv == ["digits", "--out", str(tmp_path / "none-s0"), "--set", "seed=0", "train.steps=5",
+                         "method.meta=false", "method.mixup=false"]
+    assert none.config["method"]["meta"] is False and none.config["train"]["steps"] == 5
+    assert [(r.config["method"]["unlabeled"], r.config["method"]["meta"], r.config["method"]["mixup"])
+            for r in runs[::2]] == [(False, False, False), (True, False, False), (True, True, False),
+                                    (True, False, True), (True, True, True)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0-x"], "--seeds"), (["--seeds", "0,0"], "each seed once"), (["--rows", "none,4"], "--rows"),
+    (["--set", "seed=3"], "use --seeds"), (["--set", "method.mixup=false"], "row mixup would train"),
+    (["--set", "optim.lrr=1"], "did you mean 'optim.lr'"), (["--jobs", "0"], "at least 1")])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    argv = ["digits", "--out", str(tmp_path / "s")] + (["--seeds", "0"] if "--seeds" not in args else []) + args
+    assert ablation.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_stop_interrupts_each_run_as_ctrl_c_would():
+    code = ("import sys, time\nprint('ready', flush=True)\ntry:\n    time.sleep(600)\n"
+            "except KeyboardInterrupt:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "ready\n"
+
+    class Log:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    log, said = Log(), []
+    ablation.stop({proc: (None, 0.0, log)}, said.append)
+    assert proc.returncode == 130 and log.closed and not said
+
+
+def test_seeds_parse_as_ranges_and_lists():
+    assert ablation.parse_seeds("0-2") == [0, 1, 2]
+    assert ablation.parse_seeds("0,3,5-6") == [0, 3, 5, 6]
+
+
+def test_the_readme_lists_the_rows_as_the_study_trains_them(repo_root):
+    text = (repo_root / "README.md").read_text()
+    table = text[text.index("| `--rows` name |"):].split("\n\n")[0].splitlines()[2:]
+    listed = {}
+    for line in table:
+        name, _, overrides = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        listed[name] = tuple(overrides.split()) if overrides != "(none)" else ()
+    assert listed == TABLE4_ROWS
+    assert "python -m tools.ablation digits --seeds 0-9 --out runs/table4" in text
