@@ -173,7 +173,7 @@ def train_loop(t: Training, schedule: RunPlan, start: int, stop: rundir.StopSign
             signal_name = stop.agreed()  # every rank gets the same answer at the same step
             if signal_name and done < total:
                 if not saved:
-                    save(t, done)
+                    save(t, done, off_schedule=True)
                 raise rundir.RunStopped(signal_name, done, total, t.checkpoint_path)
     finally:
         progress.close()
@@ -199,6 +199,8 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
 
 def restore(t: Training, state: dict) -> None:
     t.net.load_state_dict(state["model"])
+    if len(state.get("rank_buffers", [])) == t.d.world_size:  # saved off the schedule: each rank its own
+        t.net.load_state_dict(state["rank_buffers"][t.d.rank], strict=False)
     t.optimizer.load_state_dict(state["optimizer"])
     if t.scaler is not None and "scaler" in state:
         t.scaler.load_state_dict(state["scaler"])
@@ -257,9 +259,16 @@ def align_buffers(t: Training) -> None:
         D.broadcast_buffers(t.net)
 
 
-def save(t: Training, step: int) -> None:
+def save(t: Training, step: int, off_schedule: bool = False) -> None:
+    """A checkpoint at `step`. One the schedule does not hold (a stop signal's) leaves every rank's
+    BatchNorm statistics as they are and saves them all: aligning them here, where an uninterrupted
+    run does not, would change the rest of the run."""
     stop_if_not_finite(t, step)
-    align_buffers(t)
+    rank_buffers = None
+    if off_schedule and t.d.enabled and not t.cfg.train.sync_bn:
+        rank_buffers = D.gather_objects({k: v.detach().cpu() for k, v in t.net.named_buffers()}, t.d)
+    else:
+        align_buffers(t)
     rngs = D.gather_objects(rng_state(t.d.device), t.d)
     error: Optional[Exception] = None
     if t.d.is_main:
@@ -268,6 +277,8 @@ def save(t: Training, step: int) -> None:
                    "git_commit": t.commit, "world_size": t.d.world_size, "log_window": t.window.state_dict()}
         if t.scaler is not None:
             payload["scaler"] = t.scaler.state_dict()
+        if rank_buffers is not None:
+            payload["rank_buffers"] = rank_buffers
         try:
             if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
                 raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
