@@ -160,7 +160,7 @@ def train_loop(t: Training, schedule: RunPlan, start: int, stop: rundir.StopSign
         for step in range(start, total):
             lr = learning_rate(step, cfg.optim, total, schedule.warmup_steps)
             weight = consistency_weight(step, cfg.method.consistency_weight, cfg.method.consistency_rampup)
-            t.window.add(one_step(t, step, lr, weight))
+            t.window.add(one_step(t, lr, weight))
             progress.update()
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
@@ -216,7 +216,7 @@ def restore(t: Training, state: dict) -> None:
         t.window.load_state_dict(state["log_window"], t.d.device)
 
 
-def one_step(t: Training, step: int, lr: float, weight: float) -> dict:
+def one_step(t: Training, lr: float, weight: float) -> dict:
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     batch = next(t.data.train)

@@ -261,10 +261,15 @@ class StopSignals:
             self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._drain()
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._drain()  # every rank posted it; a rank that died makes it fail, which must not hide why
+        except RuntimeError:
+            if exc_type is None:
+                raise
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
 
     def _on_signal(self, signum, frame) -> None:
         # os.write, not print: a handler may interrupt a print to the same stream.
