@@ -50,7 +50,7 @@ def split_of_seed(seed):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from train.rundir import lock_run_folder
+from train.runlock import lock_run_folder  # no torch: starts in a blink
 lock_run_folder(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)

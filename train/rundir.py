@@ -1,7 +1,6 @@
 """A run folder's life: one writer at a time (a lock), the decision to start, resume or refuse, the
 files a start writes, a clean stop on SIGTERM / SIGINT / SIGUSR1, and the final summary."""
 import dataclasses
-import fcntl
 import json
 import os
 import signal
@@ -21,9 +20,9 @@ from pipelines import SPLIT_FILE, DataConfig, LabelSplit
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, config_diff, from_dict, to_dict
+from train.runlock import RunFolderError, lock_run_folder
 from train.schedule import learning_rate, plan
 
-LOCK_FILE = "run.lock"
 FINAL = "final.json"
 # Everything a run writes into its folder: a fresh start refuses a folder that holds any of them.
 RUN_FILES = (FINAL, "metrics.jsonl", "config.yaml", "runs.jsonl", SPLIT_FILE, "checkpoints", "tensorboard",
@@ -35,11 +34,6 @@ RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.l
                      "train.compile", "train.device", "data.root", "data.workers", "data.eval_batch_size")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, continue later with --resume
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked: locked, taken, unwritable, or a resume that would
-    change the experiment."""
 
 
 class RunStopped(Exception):
@@ -70,44 +64,6 @@ def agree(d: D.Dist, check: Callable[[], object]):
         rank, message = failed[0]
         raise RunFolderError(f"rank {rank} stopped: {message}")
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# The lock: an flock on run.lock, held by rank 0 for the run's life. The OS drops it when the process
-# ends, however it ends, so a `kill -9` leaves no stale lock behind.
-
-
-def lock_run_folder(run_dir: Path) -> int:
-    """Create `run_dir` if needed and lock it; returns the lock's file descriptor."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise RunFolderError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose an --out folder "
-                             "you can write to") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
-        os.close(fd)
-        raise RunFolderError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
-                             "or choose another --out folder") from None
-    if not os.access(run_dir, os.W_OK):  # an old lock file in a folder made read-only since
-        os.close(fd)
-        raise RunFolderError(f"cannot write to the run folder {run_dir} (read-only); choose an --out folder "
-                             "you can write to")
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    return fd
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its pid is not yet recorded"
 
 
 @contextmanager
