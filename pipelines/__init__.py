@@ -12,11 +12,10 @@ from pipelines.splits import LabelSplit, balanced_split, load_split, per_class_c
 SPLIT_FILE = "labeled_split.json"
 
 
-def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, run_dir: Optional[Path]) -> LabelSplit:
-    """The labeled split of a run: the file named by data.split_file, else the one this run saved
-    before (a resume), else a new one drawn from the seed. Every rank computes the same split."""
-    saved = Path(run_dir) / SPLIT_FILE if run_dir is not None else None
-    source = cfg.split_file or (saved if saved is not None and saved.is_file() else None)
+def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int) -> LabelSplit:
+    """The labeled split of a run: the file named by data.split_file (a resume names the one its run
+    saved), else a new one drawn from the seed. Every rank computes the same split."""
+    source = cfg.split_file
     if source is None:
         return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name)
     split = load_split(source, cfg.name, labels)
@@ -39,7 +38,8 @@ def check_global_batch(cfg: DataConfig, world_size: int) -> None:
 
 def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size: int = 1,
                run_dir: Optional[Path] = None):
-    """The data of one run on one rank. Rank 0 saves the labeled split into `run_dir`.
+    """The data of one run on one rank; `run_dir` receives the log of corrupt files (the run saves
+    the split itself, once it starts).
 
     The result has `.train` (endless (x_l, y_l, x_u) with state_dict/load_state_dict and
     unlabeled_epoch), `.eval_batches(subset)`, `.num_classes`, `.in_channels`, `.unlabeled_size`
@@ -50,7 +50,7 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
         from pipelines.imagenet import ImageFolderData
 
         folders = load_image_folders(cfg.root, cfg.name)
-        split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed, rank, run_dir)
+        split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed)
         return ImageFolderData(folders, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                                eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
@@ -70,19 +70,16 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
         if cfg.name == "digits":
             raise
         raise DataMissingError(f"{e}. With network access, data.download=true fetches it into data.root.") from None
-    split = _split_for_run(cfg, arrays.train_labels, arrays.num_classes, seed, rank, run_dir)
+    split = _split_for_run(cfg, arrays.train_labels, arrays.num_classes, seed)
     return InMemoryData(arrays, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                         eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
 
 
-def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, rank: int,
-                   run_dir: Optional[Path]) -> LabelSplit:
-    split = resolve_split(cfg, labels, num_classes, seed, run_dir)
+def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int) -> LabelSplit:
+    split = resolve_split(cfg, labels, num_classes, seed)
     if cfg.unlabeled == "disjoint" and len(split.labeled) == split.train_size:
         raise ValueError(f"data.labels={cfg.labels} labels all {split.train_size} training images, so the disjoint "
                          "unlabeled set is empty; ask for fewer labels, or set data.unlabeled=all")
-    if run_dir is not None and rank == 0:
-        split.save(Path(run_dir) / SPLIT_FILE)
     return split
 
 

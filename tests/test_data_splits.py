@@ -80,22 +80,22 @@ def test_a_saved_split_reloads_exactly_and_refuses_another_data_set(tmp_path):
         load_split(tmp_path / "missing.json", "cifar10", labels)
 
 
-def test_runs_save_their_split_and_reuse_it_on_every_rank_and_resume(tmp_path):
+def test_every_rank_draws_the_same_split_and_another_run_shares_it_by_path(tmp_path):
     root = write_cifar10(tmp_path / "data", per_class_train=6, per_class_test=1)
     cfg = DataConfig(name="cifar10", root=str(root), labels=20, batch_size=4)
     run = tmp_path / "run"
     ranks = [build_data(cfg, seed=7, device="cpu", rank=r, world_size=2, run_dir=run) for r in range(2)]
     assert np.array_equal(ranks[0].split.labeled, ranks[1].split.labeled)
+    assert not (run / SPLIT_FILE).exists()  # the run saves it once it starts, not the data
+    ranks[0].split.save(run / SPLIT_FILE)
     saved = json.loads((run / SPLIT_FILE).read_text())
     assert saved["labeled"] == ranks[0].split.labeled.tolist() and saved["num_labeled"] == 20
-    # A resume with another seed in the config still gets the saved split, not a new draw.
-    resumed = build_data(cfg, seed=8, device="cpu", run_dir=run)
-    assert np.array_equal(resumed.split.labeled, ranks[0].split.labeled)
-    # Another run shares it by path.
+    # A split found in the run folder is not taken: only data.split_file names one to reuse.
+    assert not np.array_equal(build_data(cfg, seed=8, device="cpu", run_dir=run).split.labeled,
+                              ranks[0].split.labeled)
     shared = DataConfig(name="cifar10", root=str(root), labels=20, split_file=str(run / SPLIT_FILE))
     other = build_data(shared, seed=9, device="cpu", run_dir=tmp_path / "other")
     assert np.array_equal(other.split.labeled, ranks[0].split.labeled)
-    assert (tmp_path / "other" / SPLIT_FILE).read_text() == (run / SPLIT_FILE).read_text()
 
 
 def test_resolve_split_prefers_the_named_file(tmp_path):
@@ -104,7 +104,7 @@ def test_resolve_split_prefers_the_named_file(tmp_path):
     named.save(tmp_path / "named.json")
     balanced_split(labels, 10, 30, seed=2, dataset="cifar10").save(tmp_path / "run" / SPLIT_FILE)
     cfg = DataConfig(name="cifar10", labels=30, split_file=str(tmp_path / "named.json"))
-    assert np.array_equal(resolve_split(cfg, labels, 10, 3, tmp_path / "run").labeled, named.labeled)
+    assert np.array_equal(resolve_split(cfg, labels, 10, 3).labeled, named.labeled)
 
 
 def test_a_split_file_with_another_label_count_is_refused(tmp_path):
@@ -112,4 +112,4 @@ def test_a_split_file_with_another_label_count_is_refused(tmp_path):
     balanced_split(labels, 10, 30, seed=1, dataset="cifar10").save(tmp_path / "named.json")
     cfg = DataConfig(name="cifar10", labels=40, split_file=str(tmp_path / "named.json"))
     with pytest.raises(ValueError, match="holds 30 labeled images but data.labels=40"):
-        resolve_split(cfg, labels, 10, 0, None)
+        resolve_split(cfg, labels, 10, 0)

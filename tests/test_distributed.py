@@ -80,6 +80,47 @@ def test_torchrun_two_processes_survive_a_killed_worker_and_end_with_equal_weigh
 
 
 @pytest.mark.slow
+def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_the_resume_is_bit_identical(tmp_path, subprocess_env):
+    """The scheduler's SIGTERM goes to torchrun, which forwards it to both workers: they finish the step,
+    agree where to stop, rank 0 saves, and the same command plus --resume ends as a straight run."""
+    stopped, straight, steps = tmp_path / "stopped", tmp_path / "straight", 20
+
+    def launch(out, total, *extra):
+        return torchrun("--nproc_per_node=2", f"--master-port={free_port()}",
+                        *train_cmd(out, total), "train.device=cpu", *extra)
+
+    # Asked for far more steps so that it is certainly running when stopped; resumed with the real total.
+    proc = subprocess.Popen(launch(stopped, 100000), cwd=tmp_path, env=subprocess_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    reference = subprocess.Popen(launch(straight, steps), cwd=tmp_path, env=subprocess_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] >= 10 for r in read_metrics(stopped, "train")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    at = state["step"]
+    assert 10 <= at < steps and len(state["rng"]) == 2, log[-3000:]
+    assert f"stopped by SIGTERM at step {at} of 100000" in log and "--resume" in log, log[-3000:]
+    assert "Traceback" not in log.split("stopped by SIGTERM")[0], log[-3000:]
+
+    resumed = subprocess.run(launch(stopped, steps, "--resume"), cwd=tmp_path, env=subprocess_env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((out / "final.json").read_text()) for out in (straight, stopped))
+    assert a["weights_sha256_per_rank"] == b["weights_sha256_per_rank"] and a["test_error"] == b["test_error"]
+    assert [r["step"] for r in read_metrics(stopped, "train")] == list(range(5, steps + 1, 5))
+
+
+@pytest.mark.slow
 def test_two_nodes_on_localhost_meet_at_one_rendezvous(tmp_path, subprocess_env):
     out, steps, port = tmp_path / "run", 20, free_port()
     node = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",

@@ -9,6 +9,7 @@ import torch.nn as nn
 from train import checkpoint as ckpt
 from train.config import OptimConfig, load_config
 from train.engine import run
+from train.rundir import RunFolderError
 from train.evaluate import error_counts, errors_from_counts
 from train.metrics import read_metrics, summarize_evals
 from train.schedule import consistency_weight, learning_rate
@@ -69,8 +70,8 @@ def test_final_reports_best_and_median_of_the_last_evaluations():
 def test_a_run_folder_holds_config_command_commit_metrics_and_result(tmp_path):
     summary = run(digits("train.tensorboard=true"), tmp_path, argv=["digits", "--set", "train.steps=12"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.yaml", "final.json",
-                                                         "labeled_split.json", "metrics.jsonl", "runs.jsonl",
-                                                         "tensorboard"]
+                                                         "labeled_split.json", "metrics.jsonl", "run.lock",
+                                                         "runs.jsonl", "tensorboard"]
     assert load_config(str(tmp_path / "config.yaml")) == digits("train.tensorboard=true")
     started = json.loads((tmp_path / "runs.jsonl").read_text())
     assert started["command"].endswith("-m train digits --set train.steps=12") and started["git_commit"]
@@ -105,7 +106,7 @@ def test_resuming_with_a_changed_experiment_is_refused(tmp_path):
     run(digits("train.steps=6"), tmp_path)
     with pytest.raises(ValueError, match="optim.lr: 0.1 -> 0.2"):
         run(digits("train.steps=12", "optim.lr=0.2"), tmp_path, resume=True)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         run(digits("train.steps=12"), tmp_path)
     summary = run(digits("train.steps=12"), tmp_path, resume=True)  # more steps: allowed
     assert summary["steps"] == 12

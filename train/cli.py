@@ -1,4 +1,4 @@
-"""python -m train [CONFIG] [--set key=value ...] [--out DIR] [--resume]"""
+"""python -m train [CONFIG] [--set key=value ...] [--out DIR] [--resume [--allow-schedule-change]]"""
 import argparse
 import os
 import sys
@@ -28,6 +28,9 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config>-seed<seed>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (starts fresh if there is none)")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: accept a new train.steps/epochs that changes the learning rate of steps "
+                        "already trained (optim.schedule=cosine)")
     return p.parse_args(argv)
 
 
@@ -57,16 +60,21 @@ def main(argv=None) -> int:
     from train.checkpoint import CheckpointError
     from train.distributed import DeviceError
     from train.engine import NonFiniteLossError, RanksDivergedError, run
+    from train.rundir import EXIT_STOPPED, RunFolderError, RunStopped, continue_command
 
     # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
     # keeps its traceback.
     expected = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, CheckpointError,
-                NonFiniteLossError, RanksDivergedError, DeviceError, CorruptImageError)
+                NonFiniteLossError, RanksDivergedError, DeviceError, CorruptImageError, RunFolderError)
     try:
-        summary = run(cfg, out, resume=resume, argv=argv)
+        summary = run(cfg, out, resume=resume, argv=argv, allow_schedule_change=args.allow_schedule_change)
     except expected as e:
         _say_error(e)
         return 1
+    except RunStopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{e}; saved {e.checkpoint}. Continue with: {continue_command(argv)}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print(f"interrupted; continue with the same command plus --resume (run folder {out})", file=sys.stderr)
         return 130

@@ -1,35 +1,24 @@
 """The training loop: data -> step -> logs, evaluations and checkpoints, resumable exactly."""
-import json
-import math
-import os
-import platform
 import random
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
 from pipelines import build_data, check_global_batch
 from train import checkpoint as ckpt
 from train import distributed as D
-from train.config import Config, OptimConfig, config_diff, to_dict
+from train import rundir
+from train.config import Config, OptimConfig, to_dict
 from train.evaluate import error_counts, errors_from_counts
-from train.metrics import MetricsLog, Progress, summarize_evals
-from train.schedule import consistency_weight, learning_rate
+from train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
+from train.schedule import RunPlan, consistency_weight, learning_rate, plan
 from train.step import SeparateForwards, autocast_for, train_step
-
-# Keys a resumed run may change: they do not alter what is trained.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.log_every",
-                     "train.checkpoint_every", "train.keep_last_evals", "train.progress", "train.tensorboard",
-                     "train.compile", "data.root", "data.workers", "data.eval_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,240 +88,234 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class RunPlan:
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: float
+class Training:
+    """What the loop works on: built once per start (or resume) of a run."""
+    cfg: Config
+    d: D.Dist
+    data: object
+    net: nn.Module
+    forwards: nn.Module  # the network's forwards, wrapped by DDP on several ranks
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    reduce_grad: Optional[Callable]
+    checkpoint_path: Path
+    commit: str
+    log: Optional[MetricsLog] = None
+    evals: list = field(default_factory=list)
+    window: LogWindow = field(default_factory=LogWindow)
+    finite: Optional[torch.Tensor] = None
+
+    def track_finite(self, loss: torch.Tensor) -> None:
+        self.finite = self.finite & torch.isfinite(loss.detach())  # stays on the device: no sync per step
 
 
-def plan(cfg: Config, unlabeled_size: int) -> RunPlan:
-    """Steps from train.steps or train.epochs (an epoch is one pass over the unlabeled set)."""
-    per_epoch = unlabeled_size / cfg.data.batch_size
-    total = cfg.train.steps if cfg.train.steps is not None else math.ceil(cfg.train.epochs * per_epoch)
-    warmup = (round(cfg.optim.warmup_epochs * per_epoch) if cfg.optim.warmup_epochs is not None
-              else cfg.optim.warmup_steps)
-    return RunPlan(int(total), int(warmup), per_epoch)
-
-
-def _launch_command(argv: list[str]) -> str:
-    """The command as typed, as near as the process can tell (torchrun shows up in its environment)."""
-    cmd = [Path(sys.executable).name, "-m", "train", *argv]
-    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
-        cmd = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
-               f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
-               f"--max-restarts={os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')}", "-m", "train", *argv]
-    return " ".join(cmd)
-
-
-def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, resumed_from: int) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    info = {"command": _launch_command(argv), "argv": argv, "git_commit": git_commit(),
-            "world_size": d.world_size, "global_batch": cfg.data.batch_size,
-            "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device), "torch": torch.__version__,
-            "python": platform.python_version(), "host": socket.gethostname(), "pid": os.getpid(),
-            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "resumed_from_step": resumed_from,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with open(run_dir / "runs.jsonl", "a") as f:  # one line per start, resume or restart
-        f.write(json.dumps(info) + "\n")
-
-
-def _check_resume_config(saved: dict, cfg: Config) -> None:
-    changes = [c for c in config_diff(saved, to_dict(cfg)) if not c.startswith(RESUMABLE_CHANGES)]
-    if changes:
-        raise ValueError("the config differs from the one the run was started with:\n  " + "\n  ".join(changes) +
-                         "\nResume with the original settings, or start a new run in another --out folder.")
-
-
-def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list[str]] = None) -> dict:
-    """Train `cfg` into `run_dir`; returns the final summary (also written to final.json)."""
+def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list[str]] = None,
+        allow_schedule_change: bool = False) -> dict:
+    """Train `cfg` into `run_dir`; returns the final summary (also written to final.json). Raises
+    rundir.RunStopped after a stop signal, once the checkpoint is written."""
     d = D.setup(cfg.train.device)
     try:
         check_global_batch(cfg.data, d.world_size)  # before the run folder is touched
         if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
             raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
                              "set train.sync_bn=false for CPU runs")
-        return _run(cfg, Path(run_dir), resume, argv or [], d)
+        run_dir = Path(run_dir)
+        with rundir.held(run_dir, d):
+            return _run(cfg, run_dir, resume, argv or [], d, allow_schedule_change)
     finally:
         D.teardown()
 
 
-def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -> dict:
-    device = d.device
-    last = ckpt.last_checkpoint(run_dir)
-    if last is not None and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/{ckpt.LAST}); add --resume to continue "
-                              "it, or choose another --out folder")
-    state = ckpt.load(last) if (resume and last is not None) else None
-    if state is not None:
-        _check_resume_config(state["config"], cfg)
+def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, allow_schedule_change: bool) -> dict:
+    state = rundir.resume_state(run_dir, resume, cfg, d)
     start = int(state["step"]) if state is not None else 0
-    starts = D.gather_objects(start, d)
-    if len(set(starts)) != 1:
-        raise ValueError(f"the ranks found different checkpoints in {run_dir} (steps {starts}): --out must be a "
-                         "folder on a file system that every node shares")
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(run_dir, cfg, argv, d, start)
-        if resume and state is None:
-            print(f"no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
-
     seed_everything(cfg.seed * 1000 + d.rank)  # dropout masks and mixup λ differ per rank
-    data = build_data(cfg.data, seed=cfg.seed, device=device, rank=d.rank, world_size=d.world_size, run_dir=run_dir)
-    net = cfg.model.build(data.num_classes, data.in_channels).to(device)
+    data = build_data(rundir.data_config(cfg.data, run_dir, state), seed=cfg.seed, device=d.device, rank=d.rank,
+                      world_size=d.world_size, run_dir=run_dir)
+    if state is not None:
+        rundir.check_resume_schedule(state["config"], cfg, start, data.unlabeled_size, allow_schedule_change)
+    t = build_training(cfg, d, data, run_dir)
+    if state is not None:
+        restore(t, state)
+    state = None  # free the host copy of the weights before training
+    schedule = plan(cfg, data.unlabeled_size)
+    rundir.write_start_files(run_dir, cfg, argv, d, start, data.split, t.commit)  # the run really starts here
+    with rundir.StopSignals(d) as stop:
+        train_loop(t, schedule, start, stop, MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main,
+                                                        resume_step=start))
+        if not t.evals or t.evals[-1]["step"] != schedule.total_steps:
+            evaluate(t, schedule.total_steps)
+        summary = summarize(t, schedule)
+        rundir.write_final(run_dir, summary, d)
+    return summary
+
+
+def train_loop(t: Training, schedule: RunPlan, start: int, stop: rundir.StopSignals, log: MetricsLog) -> None:
+    cfg, total = t.cfg, schedule.total_steps
+    progress = Progress(total, start, enabled=t.d.is_main and cfg.train.progress)
+    t.log = log
+    t.window.restart_timer()  # the speed is that of the steps below, not of the set-up before them
+    try:
+        t.net.train()
+        for step in range(start, total):
+            lr = learning_rate(step, cfg.optim, total, schedule.warmup_steps)
+            weight = consistency_weight(step, cfg.method.consistency_weight, cfg.method.consistency_rampup)
+            t.window.add(one_step(t, lr, weight))
+            progress.update()
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == total:
+                log_window(t, done, lr, weight, progress)
+            if done % cfg.train.eval_every == 0 or done == total:
+                progress.report(done, f"test error {evaluate(t, done)['top1_error']:.4f}")
+            saved = done % cfg.train.checkpoint_every == 0 or done == total
+            if saved:
+                save(t, done)
+            signal_name = stop.agreed()  # every rank gets the same answer at the same step
+            if signal_name and done < total:
+                if not saved:
+                    save(t, done, off_schedule=True)
+                raise rundir.RunStopped(signal_name, done, total, t.checkpoint_path)
+    finally:
+        progress.close()
+        log.close()
+
+
+def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
+    net = cfg.model.build(data.num_classes, data.in_channels).to(d.device)
     if cfg.train.sync_bn and d.enabled:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    optimizer = build_optimizer(net, cfg.optim, device)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    optimizer = build_optimizer(net, cfg.optim, d.device)
+    scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
     forwards: nn.Module = SeparateForwards(torch.compile(net) if cfg.train.compile else net)
     if d.enabled:
         # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
-        forwards = nn.parallel.DistributedDataParallel(forwards, device_ids=[device.index] if device.type == "cuda" else None)
+        forwards = nn.parallel.DistributedDataParallel(
+            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     reduce_grad = (lambda g: D.average_grads(g, d.world_size)) if (d.enabled and cfg.method.allreduce_grad) else None
-    schedule = plan(cfg, data.unlabeled_size)
-    channels_last = cfg.model.channels_last
+    return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
+                    checkpoint_path=run_dir / "checkpoints" / ckpt.LAST, commit=git_commit(),
+                    finite=torch.ones((), dtype=torch.bool, device=d.device))
 
-    evals: list[dict] = []
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        data.train.load_state_dict(state["data"])
-        evals = list(state["evals"])
-        rngs = state["rng"]
-        if len(rngs) == d.world_size:
-            set_rng_state(rngs[d.rank], device)
-        elif d.is_main:
-            print(f"resuming on {d.world_size} processes from a checkpoint of {len(rngs)}: dropout and mixup "
-                  "draws will differ from an uninterrupted run", file=sys.stderr)
 
-    sums: dict[str, torch.Tensor] = {}  # per statistic: its sum over the steps of the logging window
-    seen: dict[str, int] = {}  # per statistic: how many of those steps reported it (a ramp's first has no consistency)
-    count = 0
-    if state is not None and "log_window" in state:
-        count = int(state["log_window"]["count"])
-        sums = {k: v.to(device) for k, v in state["log_window"]["sums"].items()}
-        seen = {k: int(state["log_window"].get("seen", {}).get(k, count)) for k in sums}
-    state = None  # free the host copy of the weights before training
-    log = MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main, resume_step=start)
-    progress = Progress(schedule.total_steps, start, enabled=d.is_main and cfg.train.progress)
-    autocast = autocast_for(device, cfg.train.precision)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    tick = time.perf_counter()
-    global_batch = cfg.data.batch_size
-    checkpoint_path = run_dir / "checkpoints" / ckpt.LAST
-    commit = git_commit()
+def restore(t: Training, state: dict) -> None:
+    t.net.load_state_dict(state["model"])
+    if len(state.get("rank_buffers", [])) == t.d.world_size:  # saved off the schedule: each rank its own
+        t.net.load_state_dict(state["rank_buffers"][t.d.rank], strict=False)
+    t.optimizer.load_state_dict(state["optimizer"])
+    if t.scaler is not None and "scaler" in state:
+        t.scaler.load_state_dict(state["scaler"])
+    t.data.train.load_state_dict(state["data"])
+    t.evals = list(state["evals"])
+    rngs = state["rng"]
+    if len(rngs) == t.d.world_size:
+        set_rng_state(rngs[t.d.rank], t.d.device)
+    elif t.d.is_main:
+        print(f"resuming on {t.d.world_size} processes from a checkpoint of {len(rngs)}: dropout and mixup "
+              "draws will differ from an uninterrupted run", file=sys.stderr)
+    if "log_window" in state:  # so the first line logged after a resume averages the same steps
+        t.window.load_state_dict(state["log_window"], t.d.device)
 
-    def track_finite(loss: torch.Tensor) -> None:
-        nonlocal finite
-        finite = finite & torch.isfinite(loss.detach())  # stays on the device: no sync per step
 
-    def stop_if_not_finite(step: int) -> None:
-        bad = not bool(finite)  # a CPU-GPU sync point
-        if not D.any_rank(bad, d):
-            return
-        kept = (f"The last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.is_file()
-                else "No checkpoint had been written yet")
-        raise NonFiniteLossError(f"the training loss became NaN or inf at or before step {step}; stopping without "
-                                 f"saving. {kept}. Try a lower optim.lr, train.precision=fp32 or another seed; "
-                                 "--resume continues from the checkpoint.")
+def one_step(t: Training, lr: float, weight: float) -> dict:
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    batch = next(t.data.train)
+    if t.cfg.model.channels_last:  # a no-op for the pipelines that already deliver NHWC memory
+        batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in batch)
+    cfg = t.cfg
+    return train_step(t.forwards, t.net, t.optimizer, batch, method=cfg.method, num_classes=t.data.num_classes,
+                      lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
+                      reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
+                      compile_meta=cfg.train.compile)
 
-    def align_buffers() -> None:
-        # Each rank updates BatchNorm statistics from its own shard; evaluate and save rank 0's.
-        if d.enabled and not cfg.train.sync_bn:
-            D.broadcast_buffers(net)
 
-    def save(step: int) -> None:
-        stop_if_not_finite(step)
-        align_buffers()
-        rngs = D.gather_objects(rng_state(device), d)
-        error: Optional[Exception] = None
-        if d.is_main:
-            payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                       "data": data.train.state_dict(), "rng": rngs, "evals": evals, "config": to_dict(cfg),
-                       "git_commit": commit, "world_size": d.world_size}
-            if scaler is not None:
-                payload["scaler"] = scaler.state_dict()
-            # The partial logging window, so the first line logged after a resume averages the same steps.
-            payload["log_window"] = {"count": count, "seen": seen,
-                                     "sums": {k: v.detach().cpu() for k, v in sums.items()}}
-            try:
-                if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
-                    raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
-                                             f"not saving over the last good checkpoint {checkpoint_path}")
-                ckpt.save_atomic(payload, checkpoint_path)
-            except (ckpt.CheckpointError, NonFiniteLossError) as e:
-                error = e
-        if D.any_rank(error is not None, d):  # every rank stops together, not just the one that failed
-            raise error if error is not None else ckpt.CheckpointError(
-                f"rank 0 could not write {checkpoint_path}; see its message")
+def log_window(t: Training, done: int, lr: float, weight: float, progress: Progress) -> None:
+    stop_if_not_finite(t, done)
+    values = t.window.means()
+    pairs_per_s = t.window.steps_per_s() * t.cfg.data.batch_size
+    values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,
+                  epoch=t.data.train.unlabeled_epoch)
+    if t.scaler is not None:
+        values["loss_scale"] = t.scaler.get_scale()
+    t.log.write("train", done, values)
+    progress.report(done, f"loss {values['loss']:.4f} lr {lr:.4g} {values['images_per_s']:.0f} img/s")
+    t.window.reset()
 
-    def evaluate(step: int) -> dict:
-        stop_if_not_finite(step)
-        align_buffers()
-        totals = D.sum_tensor(error_counts(net, data.eval_batches("test"), autocast), d)
-        result = {"step": step, **errors_from_counts(totals)}
-        if data.num_classes <= 10:
-            result.pop("top5_error")
-        evals.append(result)
-        log.write("eval", step, {k: v for k, v in result.items() if k != "step"})
-        return result
 
-    net.train()
-    for step in range(start, schedule.total_steps):
-        lr = learning_rate(step, cfg.optim, schedule.total_steps, schedule.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        weight = consistency_weight(step, cfg.method.consistency_weight, cfg.method.consistency_rampup)
-        batch = next(data.train)
-        if channels_last:  # a no-op for the pipelines that already deliver NHWC memory
-            batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch)
-        stats = train_step(forwards, net, optimizer, batch, method=cfg.method,
-                           num_classes=data.num_classes, lr=lr, consistency_weight=weight,
-                           precision=cfg.train.precision, scaler=scaler, reduce_grad=reduce_grad,
-                           world_size=d.world_size, before_backward=track_finite,
-                           compile_meta=cfg.train.compile)
-        for k, v in stats.items():
-            sums[k] = sums[k] + v.float() if k in sums else v.float()
-            seen[k] = seen.get(k, 0) + 1
-        count += 1
-        progress.update()
-        done = step + 1
+def stop_if_not_finite(t: Training, step: int) -> None:
+    bad = not bool(t.finite)  # a CPU-GPU sync point
+    if not D.any_rank(bad, t.d):
+        return
+    kept = (f"The last good checkpoint, {t.checkpoint_path}, is kept" if t.checkpoint_path.is_file()
+            else "No checkpoint had been written yet")
+    raise NonFiniteLossError(f"the training loss became NaN or inf at or before step {step}; stopping without "
+                             f"saving. {kept}. Try a lower optim.lr, train.precision=fp32 or another seed; "
+                             "--resume continues from the checkpoint.")
 
-        if done % cfg.train.log_every == 0 or done == schedule.total_steps:
-            stop_if_not_finite(done)
-            values = {k: v.item() / seen[k] for k, v in sums.items()}  # a CPU-GPU sync point
-            elapsed = time.perf_counter() - tick
-            pairs_per_s = count * global_batch / elapsed
-            values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,
-                          epoch=data.train.unlabeled_epoch)
-            if scaler is not None:
-                values["loss_scale"] = scaler.get_scale()
-            log.write("train", done, values)
-            progress.report(done, f"loss {values['loss']:.4f} lr {lr:.4g} {values['images_per_s']:.0f} img/s")
-            sums, seen, count, tick = {}, {}, 0, time.perf_counter()
-        if done % cfg.train.eval_every == 0 or done == schedule.total_steps:
-            result = evaluate(done)
-            progress.report(done, f"test error {result['top1_error']:.4f}")
-        if done % cfg.train.checkpoint_every == 0 or done == schedule.total_steps:
-            save(done)
-    progress.close()
-    log.close()
 
-    if not evals or evals[-1]["step"] != schedule.total_steps:
-        evaluate(schedule.total_steps)
-    align_buffers()
-    fingerprints = D.gather_objects(ckpt.fingerprint(net.state_dict()), d)
+def align_buffers(t: Training) -> None:
+    # Each rank updates BatchNorm statistics from its own shard; evaluate and save rank 0's.
+    if t.d.enabled and not t.cfg.train.sync_bn:
+        D.broadcast_buffers(t.net)
+
+
+def save(t: Training, step: int, off_schedule: bool = False) -> None:
+    """A checkpoint at `step`. One the schedule does not hold (a stop signal's) leaves every rank's
+    BatchNorm statistics as they are and saves them all: aligning them here, where an uninterrupted
+    run does not, would change the rest of the run."""
+    stop_if_not_finite(t, step)
+    rank_buffers = None
+    if off_schedule and t.d.enabled and not t.cfg.train.sync_bn:
+        rank_buffers = D.gather_objects({k: v.detach().cpu() for k, v in t.net.named_buffers()}, t.d)
+    else:
+        align_buffers(t)
+    rngs = D.gather_objects(rng_state(t.d.device), t.d)
+    error: Optional[Exception] = None
+    if t.d.is_main:
+        payload = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(), "step": step,
+                   "data": t.data.train.state_dict(), "rng": rngs, "evals": t.evals, "config": to_dict(t.cfg),
+                   "git_commit": t.commit, "world_size": t.d.world_size, "log_window": t.window.state_dict()}
+        if t.scaler is not None:
+            payload["scaler"] = t.scaler.state_dict()
+        if rank_buffers is not None:
+            payload["rank_buffers"] = rank_buffers
+        try:
+            if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
+                raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
+                                         f"not saving over the last good checkpoint {t.checkpoint_path}")
+            ckpt.save_atomic(payload, t.checkpoint_path)
+        except (ckpt.CheckpointError, NonFiniteLossError) as e:
+            error = e
+    if D.any_rank(error is not None, t.d):  # every rank stops together, not just the one that failed
+        raise error if error is not None else ckpt.CheckpointError(
+            f"rank 0 could not write {t.checkpoint_path}; see its message")
+
+
+def evaluate(t: Training, step: int) -> dict:
+    stop_if_not_finite(t, step)
+    align_buffers(t)
+    autocast = autocast_for(t.d.device, t.cfg.train.precision)
+    totals = D.sum_tensor(error_counts(t.net, t.data.eval_batches("test"), autocast), t.d)
+    result = {"step": step, **errors_from_counts(totals)}
+    if t.data.num_classes <= 10:
+        result.pop("top5_error")
+    t.evals.append(result)
+    if t.log is not None:
+        t.log.write("eval", step, {k: v for k, v in result.items() if k != "step"})
+    return result
+
+
+def summarize(t: Training, schedule: RunPlan) -> dict:
+    align_buffers(t)
+    fingerprints = D.gather_objects(ckpt.fingerprint(t.net.state_dict()), t.d)
     if len(set(fingerprints)) != 1:
         raise RanksDivergedError(f"the ranks ended with different weights ({fingerprints}); "
                                  "this is a bug in the distributed set-up")
-    summary = {**summarize_evals(evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
-               "world_size": d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
-               "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-               "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": commit,
-               "precision": cfg.train.precision, "global_batch": global_batch,
-               "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
-               "weights_sha256_per_rank": fingerprints}
-    if d.is_main:
-        (run_dir / "final.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    cfg, data = t.cfg, t.data
+    return {**summarize_evals(t.evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
+            "world_size": t.d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
+            "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
+            "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": t.commit,
+            "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
+            "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
+            "weights_sha256_per_rank": fingerprints}

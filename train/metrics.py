@@ -119,3 +119,45 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class LogWindow:
+    """The training statistics of the steps since the last log line: per statistic its sum (kept on the
+    device, so no sync per step) and how many steps reported it (a ramp's first step has no
+    consistency term). The speed counts only the steps this process timed: a window restored from a
+    checkpoint carries steps run before the resume, which its timer never saw."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.seen: dict[str, int] = {}
+        self.count = 0  # steps in the window
+        self.timed = 0  # steps in the window run since the timer started
+        self.tick = time.perf_counter()
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float()
+            self.seen[k] = self.seen.get(k, 0) + 1
+        self.count += 1
+        self.timed += 1
+
+    def means(self) -> dict:
+        return {k: v.item() / self.seen[k] for k, v in self.sums.items()}  # a CPU-GPU sync point
+
+    def steps_per_s(self) -> float:
+        return self.timed / max(time.perf_counter() - self.tick, 1e-9)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def restart_timer(self) -> None:
+        self.timed, self.tick = 0, time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "seen": dict(self.seen), "sums": {k: v.detach().cpu() for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.count = int(state["count"])
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.seen = {k: int(state.get("seen", {}).get(k, self.count)) for k in self.sums}
+        self.restart_timer()

@@ -1,7 +1,25 @@
-"""Learning rate and consistency weight as plain functions of the step (the authors' schedule)."""
+"""Learning rate and consistency weight as plain functions of the step (the authors' schedule), and
+the run's length in steps."""
 import math
+from dataclasses import dataclass
 
-from train.config import OptimConfig
+from train.config import Config, OptimConfig
+
+
+@dataclass
+class RunPlan:
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: float
+
+
+def plan(cfg: Config, unlabeled_size: int) -> RunPlan:
+    """Steps from train.steps or train.epochs (an epoch is one pass over the unlabeled set)."""
+    per_epoch = unlabeled_size / cfg.data.batch_size
+    total = cfg.train.steps if cfg.train.steps is not None else math.ceil(cfg.train.epochs * per_epoch)
+    warmup = (round(cfg.optim.warmup_epochs * per_epoch) if cfg.optim.warmup_epochs is not None
+              else cfg.optim.warmup_steps)
+    return RunPlan(int(total), int(warmup), per_epoch)
 
 
 def learning_rate(step: int, cfg: OptimConfig, total_steps: int, warmup_steps: int) -> float:
