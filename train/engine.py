@@ -22,7 +22,7 @@ from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, OptimConfig, config_diff, to_dict
 from train.evaluate import error_counts, errors_from_counts
-from train.metrics import MetricsLog, Progress, summarize_evals
+from train.metrics import MetricsLog, Progress, read_window, summarize_evals
 from train.schedule import consistency_weight, learning_rate
 from train.step import SeparateForwards, autocast_for, train_step
 
@@ -227,8 +227,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         nonlocal finite
         finite = finite & torch.isfinite(loss.detach())  # stays on the device: no sync per step
 
-    def stop_if_not_finite(step: int) -> None:
-        bad = not bool(finite)  # a CPU-GPU sync point
+    def stop_if_not_finite(step: int, all_finite: Optional[bool] = None) -> None:
+        bad = not (bool(finite) if all_finite is None else all_finite)  # bool(finite): a host-device sync
         if not D.any_rank(bad, d):
             return
         kept = (f"The last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path.is_file()
@@ -292,6 +292,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
                            precision=cfg.train.precision, scaler=scaler, reduce_grad=reduce_grad,
                            world_size=d.world_size, before_backward=track_finite,
                            compile_meta=cfg.train.compile)
+        if hasattr(data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs
+            data.train.prefetch()
         for k, v in stats.items():
             sums[k] = sums[k] + v.float() if k in sums else v.float()
             seen[k] = seen.get(k, 0) + 1
@@ -300,8 +302,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
         done = step + 1
 
         if done % cfg.train.log_every == 0 or done == schedule.total_steps:
-            stop_if_not_finite(done)
-            values = {k: v.item() / seen[k] for k, v in sums.items()}  # a CPU-GPU sync point
+            all_finite, values = read_window(finite, sums, seen)  # the one host-device sync of the step
+            stop_if_not_finite(done, all_finite)
             elapsed = time.perf_counter() - tick
             pairs_per_s = count * global_batch / elapsed
             values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from train.config import MethodConfig
-from train.losses import consistency_mse, fp32_or_wider, mixup_pairs, soft_target_kl, update_pseudo_labels
+from train.losses import (consistency_mse, fp32_or_wider, mixup_pairs, one_hot, soft_target_kl,
+                          update_pseudo_labels)
 from train.meta import GradReducer, meta_targets
 
 
@@ -126,7 +127,7 @@ def train_step(
             loss_cls = F.cross_entropy(fp32_or_wider(logits_l), y_l)
         else:
             lam = mixup_ratios(method.mixup_gamma, x_l.shape[0], device)  # (B,)
-            onehot = F.one_hot(y_l, num_classes).to(y_hat.dtype)
+            onehot = one_hot(y_l, num_classes, y_hat.dtype)
             x_in, y_in = mixup_pairs(x_l, onehot, x_u, y_hat, lam)
             logits_in, *logits_u = forwards(x_in, x_u) if with_consistency else forwards(x_in)
             loss_cls = soft_target_kl(logits_in, y_in)
