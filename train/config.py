@@ -75,6 +75,9 @@ class TrainConfig:
     keep_last_evals: int = 10  # final.json reports the median test error over this many last evaluations
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
     compile: bool = False  # torch.compile the network
+    cudnn_benchmark: bool = True  # let cuDNN time and pick its convolution algorithms (off under deterministic)
+    deterministic: bool = False  # deterministic kernels only: bit-identical resume on GPUs (train/backends.py)
+    tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (GPUs from Ampere on)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     sync_bn: bool = False  # SyncBatchNorm across GPUs
     tensorboard: bool = True  # also write TensorBoard event files

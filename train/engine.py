@@ -19,6 +19,7 @@ import yaml
 
 from pipelines import build_data, check_global_batch
 from train import checkpoint as ckpt
+from train.backends import BackendFlags, backend_flags
 from train import distributed as D
 from train.config import Config, OptimConfig, config_diff, to_dict
 from train.evaluate import error_counts, errors_from_counts
@@ -29,7 +30,8 @@ from train.step import SeparateForwards, autocast_for, train_step
 # Keys a resumed run may change: they do not alter what is trained.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "train.keep_last_evals", "train.progress", "train.tensorboard",
-                     "train.compile", "data.root", "data.workers", "data.eval_batch_size")
+                     "train.compile", "train.cudnn_benchmark", "train.deterministic", "train.tf32", "data.root",
+                     "data.workers", "data.eval_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,14 +126,15 @@ def _launch_command(argv: list[str]) -> str:
     return " ".join(cmd)
 
 
-def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, resumed_from: int) -> None:
+def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, resumed_from: int,
+                     backend: dict) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     info = {"command": _launch_command(argv), "argv": argv, "git_commit": git_commit(),
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device), "torch": torch.__version__,
             "python": platform.python_version(), "host": socket.gethostname(), "pid": os.getpid(),
             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "resumed_from_step": resumed_from,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend_flags": backend}
     with open(run_dir / "runs.jsonl", "a") as f:  # one line per start, resume or restart
         f.write(json.dumps(info) + "\n")
 
@@ -145,18 +148,20 @@ def _check_resume_config(saved: dict, cfg: Config) -> None:
 
 def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list[str]] = None) -> dict:
     """Train `cfg` into `run_dir`; returns the final summary (also written to final.json)."""
-    d = D.setup(cfg.train.device)
-    try:
-        check_global_batch(cfg.data, d.world_size)  # before the run folder is touched
-        if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
-            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
-                             "set train.sync_bn=false for CPU runs")
-        return _run(cfg, Path(run_dir), resume, argv or [], d)
-    finally:
-        D.teardown()
+    # The switches first: cuBLAS reads its deterministic workspace setting when first used.
+    with backend_flags(BackendFlags.of(cfg.train)) as flags:
+        d = D.setup(cfg.train.device)
+        try:
+            check_global_batch(cfg.data, d.world_size)  # before the run folder is touched
+            if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
+                raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
+                                 "set train.sync_bn=false for CPU runs")
+            return _run(cfg, Path(run_dir), resume, argv or [], d, flags)
+        finally:
+            D.teardown()
 
 
-def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -> dict:
+def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, flags: dict) -> dict:
     device = d.device
     last = ckpt.last_checkpoint(run_dir)
     if last is not None and not resume:
@@ -172,7 +177,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
                          "folder on a file system that every node shares")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(run_dir, cfg, argv, d, start)
+        _write_run_files(run_dir, cfg, argv, d, start, flags)
         if resume and state is None:
             print(f"no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
 
