@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model import build_model
 from train import backends
 from train.backends import BackendFlags
+from train.compiling import COMPILE_MODES, compiled
 from train.config import MethodConfig, OptimConfig
 from train.engine import build_optimizer, git_commit
 from train.meta import pseudo_label_grad
@@ -91,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="NHWC activations (default: on for cuda, off for cpu)")
     p.add_argument("--fd-batched", action="store_true",
                    help="fd's eval-mode passes as one vmapped call (train_step(fd_batched=True))")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's train-mode forwards and the meta part's passes")
+    p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the network's train-mode forwards and the meta part's passes, as "
+                        "train.compile (bare --compile: default; reduce-overhead: CUDA graphs)")
     defaults = BackendFlags()
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=defaults.cudnn_benchmark,
                    help="as train.cudnn_benchmark")
@@ -317,7 +320,7 @@ def main(argv=None) -> dict:
     net = build_model(args.model, classes, channels, channels_last=args.channels_last).to(device).train()
     optimizer = build_optimizer(net, OptimConfig(lr=0.01), device)  # the trainer's own SGD kernel choice
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-    forwards = SeparateForwards(torch.compile(net) if args.compile else net)
+    forwards = SeparateForwards(compiled(net, args.compile))
     gen = torch.Generator().manual_seed(args.seed)
     batch = synthetic_batch(classes, channels, side, args.batch_size, device, args.channels_last, gen)
 

@@ -20,6 +20,7 @@ import yaml
 from pipelines import build_data, check_global_batch
 from train import checkpoint as ckpt
 from train.backends import BackendFlags, backend_flags
+from train.compiling import compiled
 from train import distributed as D
 from train.config import Config, OptimConfig, config_diff, to_dict
 from train.evaluate import error_counts, errors_from_counts
@@ -188,7 +189,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, f
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = build_optimizer(net, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    forwards: nn.Module = SeparateForwards(torch.compile(net) if cfg.train.compile else net)
+    forwards: nn.Module = SeparateForwards(compiled(net, cfg.train.compile))
     if d.enabled:
         # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
         forwards = nn.parallel.DistributedDataParallel(forwards, device_ids=[device.index] if device.type == "cuda" else None)
