@@ -30,7 +30,9 @@ from pipelines.streams import IndexStream
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, as fractions of 255
 STD = (0.229, 0.224, 0.225)
-PREFETCH = 2  # DALI's default prefetch queue depth; a failure may surface this many batches late
+# DALI's prefetch queue: batches the pipeline prepares ahead of the one asked for, so that pipe.run()
+# finds its batch ready. A failure may surface this many batches late.
+PREFETCH = 2
 CORRUPT_LOG = "corrupt_files.txt"
 
 
@@ -173,7 +175,10 @@ def to_torch(images, labels, device: torch.device) -> tuple[torch.Tensor, torch.
     x = torch.empty(dense.shape(), dtype=torch.float32, device=device)  # (B, H, W, C)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     feed_ndarray(dense, x, cuda_stream=stream)
-    y = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1).astype(np.int64)).to(device, non_blocking=True)
+    y = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1).astype(np.int64))
+    if device.type == "cuda":
+        y = y.pin_memory()  # so that the copy below is queued, not staged while the host waits
+    y = y.to(device, non_blocking=True)
     return x.permute(0, 3, 1, 2), y  # NCHW shape, NHWC memory
 
 

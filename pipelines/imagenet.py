@@ -8,6 +8,7 @@ import torch
 
 from pipelines.dali import CorruptFiles, FileStream, PairedFileBatches, Transform, eval_batches
 from pipelines.folders import FileDataset
+from pipelines.prefetch import Prefetched
 from pipelines.splits import LabelSplit
 
 
@@ -30,6 +31,8 @@ class ImageFolderData:
         self.train = PairedFileBatches(
             FileStream(data.train_files, data.train_labels, split.labeled, train, stream_id=1, **common),
             FileStream(data.train_files, data.train_labels, unlabeled, train, stream_id=2, **common))
+        if self.device.type == "cuda":
+            self.train = Prefetched(self.train, self.device)  # the next batch copied out during the step
 
     def _subset(self, subset: str) -> tuple[list[str], np.ndarray]:
         if subset == "test":

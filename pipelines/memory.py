@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import normalize, random_crop_flip
+from pipelines.prefetch import Prefetched
 from pipelines.sources import ArrayDataset
 from pipelines.splits import LabelSplit
 from pipelines.streams import IndexStream
@@ -49,14 +50,21 @@ class PairedBatches:
     def __iter__(self):
         return self
 
+    def _to_device(self, idx: torch.Tensor) -> torch.Tensor:
+        dev = self.labeled_idx.device
+        if dev.type == "cuda":
+            # From pageable memory a "non-blocking" copy is staged synchronously; from pinned memory
+            # it is queued on the stream and the host moves on.
+            idx = idx.pin_memory()
+        return idx.to(dev, non_blocking=True)
+
     def _augment(self, idx: torch.Tensor) -> torch.Tensor:
         return normalize(random_crop_flip(self.train.images[idx], self.pad, self.flip, self.gen),
                          self.train.mean, self.train.std)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dev = self.labeled_idx.device
-        li = self.labeled_idx[self.labeled.next_batch().to(dev, non_blocking=True)]
-        ui = self.unlabeled_idx[self.unlabeled.next_batch().to(dev, non_blocking=True)]
+        li = self.labeled_idx[self._to_device(self.labeled.next_batch())]
+        ui = self.unlabeled_idx[self._to_device(self.unlabeled.next_batch())]
         # The augmentation seed is a function of (seed, rank, batch number): resuming needs no RNG state.
         self.gen.manual_seed((self.seed * 7919 + self.rank) * 1_000_003 + self.batches)
         self.batches += 1
@@ -96,6 +104,8 @@ class InMemoryData:
         self.unlabeled_size = len(unlabeled)
         self.train = PairedBatches(self.train_set, split.labeled, unlabeled, global_batch=global_batch, seed=seed,
                                    pad=arrays.pad, flip=arrays.flip, rank=rank, world_size=world_size)
+        if torch.device(device).type == "cuda":
+            self.train = Prefetched(self.train, torch.device(device))  # the next batch made during the step
 
     def _subset(self, subset: str) -> tuple[DeviceImages, torch.Tensor]:
         if subset == "test":

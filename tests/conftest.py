@@ -14,6 +14,16 @@ if str(REPO) not in sys.path:
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run on a GPU when torch sees one and are skipped otherwise."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO

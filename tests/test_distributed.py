@@ -14,8 +14,10 @@ import torch
 
 from train.metrics import read_metrics
 
+# Several processes on one machine run on the CPU with gloo, chosen here: with train.device=auto on a
+# one-GPU machine rank 1 would ask for cuda:1, and NCCL refuses two ranks on one GPU.
 SETTINGS = ("train.eval_every=10", "train.checkpoint_every=5", "train.log_every=5", "train.progress=false",
-            "train.tensorboard=false")
+            "train.tensorboard=false", "train.device=cpu")
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ STEPS = 40
 # Checkpoints fall inside logging windows (every 5 vs every 4 steps): a resumed window must average
 # the same steps as the uninterrupted one.
 SETTINGS = ("train.eval_every=10", "train.checkpoint_every=5", "train.log_every=4", "train.progress=false",
-            "train.tensorboard=false")
+            "train.tensorboard=false", "train.device=cpu")  # exact on the CPU with the defaults; GPU: below
 
 
 def wait_for_step(run_dir, proc, step, timeout=300):
@@ -76,3 +76,27 @@ def test_sigkill_mid_run_then_resume_is_bit_identical_to_a_straight_run(tmp_path
     assert without_time(read_metrics(killed)) == without_time(read_metrics(straight))
     starts = [json.loads(line) for line in (killed / "runs.jsonl").read_text().splitlines()]
     assert [s["resumed_from_step"] for s in starts] == [0, at_kill]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_resume_with_deterministic_kernels_is_bit_identical(tmp_path, subprocess_env, precision):
+    """Each run in its own process, as a real resume: cuBLAS reads its workspace setting once."""
+    common = ("train.device=cuda", "train.deterministic=true", f"train.precision={precision}", *SETTINGS[:-1])
+
+    def train(out, steps, *extra):
+        cmd = [sys.executable, "-m", "train", "digits", "--out", str(out), *extra, "--set", f"train.steps={steps}",
+               *common]
+        done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train(tmp_path / "straight", 20)
+    train(tmp_path / "resumed", 10)
+    train(tmp_path / "resumed", 20, "--resume")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    flags = json.loads((tmp_path / "resumed" / "runs.jsonl").read_text().splitlines()[-1])["backend_flags"]
+    assert flags["deterministic_algorithms"] and flags["cublas_workspace_config"]

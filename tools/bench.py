@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import build_model
+from train import backends
+from train.backends import BackendFlags
+from train.compiling import COMPILE_MODES, compiled
 from train.config import MethodConfig, OptimConfig
 from train.engine import build_optimizer, git_commit
 from train.meta import pseudo_label_grad
@@ -53,6 +56,8 @@ SHAPES = {
 # default, so that is the fp32 ceiling the step can reach). The H200 has the same compute.
 GPU_PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
                    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}}
+
+FP32_NO_TF32_TFLOPS = 66.9  # H100 SXM datasheet, fp32 without tensor cores (--no-tf32)
 
 
 @dataclass
@@ -87,7 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="NHWC activations (default: on for cuda, off for cpu)")
     p.add_argument("--fd-batched", action="store_true",
                    help="fd's eval-mode passes as one vmapped call (train_step(fd_batched=True))")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's train-mode forwards and the meta part's passes")
+    p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the network's train-mode forwards and the meta part's passes, as "
+                        "train.compile (bare --compile: default; reduce-overhead: CUDA graphs)")
+    defaults = BackendFlags()
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=defaults.cudnn_benchmark,
+                   help="as train.cudnn_benchmark")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
+                   help="as train.deterministic")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32, help="as train.tf32")
     p.add_argument("--image-size", type=int, default=None, help="override the image side (e.g. 224 for resnet18)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -187,6 +200,8 @@ def assumed_peak(args, device: torch.device) -> tuple[Optional[float], str]:
     name = torch.cuda.get_device_name(device)
     for key, table in GPU_PEAK_TFLOPS.items():
         if key in name:
+            if args.precision == "fp32" and not args.tf32:
+                return FP32_NO_TF32_TFLOPS, f"{key} datasheet, dense fp32 without TF32"
             return table[args.precision], f"{key} datasheet, dense {args.precision}"
     return None, f"unknown for {name!r}: pass --peak-tflops"
 
@@ -299,13 +314,13 @@ def main(argv=None) -> dict:
     classes, channels, side = SHAPES[args.model]
     side = args.image_size or side
     args.image_size = side
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    flags = backends.apply(BackendFlags(cudnn_benchmark=args.cudnn_benchmark, deterministic=args.deterministic,
+                                        tf32=args.tf32))  # the switches training sets, from the same keys
 
     net = build_model(args.model, classes, channels, channels_last=args.channels_last).to(device).train()
     optimizer = build_optimizer(net, OptimConfig(lr=0.01), device)  # the trainer's own SGD kernel choice
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-    forwards = SeparateForwards(torch.compile(net) if args.compile else net)
+    forwards = SeparateForwards(compiled(net, args.compile))
     gen = torch.Generator().manual_seed(args.seed)
     batch = synthetic_batch(classes, channels, side, args.batch_size, device, args.channels_last, gen)
 
@@ -340,6 +355,7 @@ def main(argv=None) -> dict:
     fid = fidelity(net, fid_batch, args.precision, device, rows[-1].method.meta_mode)
 
     s = summary(args, device, times, flops, peak, peak_source, memory, fid)
+    s["backend_flags"] = flags
     print_table(s)
     if args.json:
         print(json.dumps(s))

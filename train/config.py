@@ -15,6 +15,7 @@ import yaml
 
 from model import MODELS, ModelConfig
 from pipelines.config import DataConfig
+from train.compiling import compile_mode
 from train.meta import ESTIMATORS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -81,7 +82,10 @@ class TrainConfig:
     checkpoint_every: int = 2000  # steps between checkpoints (and one at the end)
     keep_last_evals: int = 10  # final.json's median_last_test_error is the median of this many last evaluations
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
-    compile: bool = False  # torch.compile the network
+    compile: Union[bool, str] = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune (train/compiling.py)
+    cudnn_benchmark: bool = True  # let cuDNN time and pick its convolution algorithms (off under deterministic)
+    deterministic: bool = False  # deterministic kernels only: bit-identical resume on GPUs (train/backends.py)
+    tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (GPUs from Ampere on)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     sync_bn: bool = False  # SyncBatchNorm across GPUs
     tensorboard: bool = True  # also write TensorBoard event files
@@ -90,6 +94,7 @@ class TrainConfig:
     def __post_init__(self):
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        self.compile = compile_mode(self.compile)
         for name in ("eval_every", "log_every", "checkpoint_every", "keep_last_evals"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")

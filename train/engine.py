@@ -12,11 +12,13 @@ import torch.nn as nn
 
 from pipelines import build_data, check_global_batch
 from train import checkpoint as ckpt
+from train.backends import BackendFlags, backend_flags
+from train.compiling import compiled
 from train import distributed as D
 from train import rundir
 from train.config import Config, OptimConfig, to_dict
 from train.evaluate import error_counts, errors_from_counts
-from train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
+from train.metrics import LogWindow, MetricsLog, Progress, read_window, summarize_evals
 from train.schedule import RunPlan, consistency_weight, learning_rate, plan
 from train.step import SeparateForwards, autocast_for, train_step
 
@@ -113,20 +115,23 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list
         allow_schedule_change: bool = False) -> dict:
     """Train `cfg` into `run_dir`; returns the final summary (also written to final.json). Raises
     rundir.RunStopped after a stop signal, once the checkpoint is written."""
-    d = D.setup(cfg.train.device)
-    try:
-        check_global_batch(cfg.data, d.world_size)  # before the run folder is touched
-        if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
-            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
-                             "set train.sync_bn=false for CPU runs")
-        run_dir = Path(run_dir)
-        with rundir.held(run_dir, d):
-            return _run(cfg, run_dir, resume, argv or [], d, allow_schedule_change)
-    finally:
-        D.teardown()
+    # The switches first: cuBLAS reads its deterministic workspace setting when first used.
+    with backend_flags(BackendFlags.of(cfg.train)) as flags:
+        d = D.setup(cfg.train.device)
+        try:
+            check_global_batch(cfg.data, d.world_size)  # before the run folder is touched
+            if cfg.train.sync_bn and d.enabled and d.device.type != "cuda":
+                raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm does not run on CPUs); "
+                                 "set train.sync_bn=false for CPU runs")
+            run_dir = Path(run_dir)
+            with rundir.held(run_dir, d):
+                return _run(cfg, run_dir, resume, argv or [], d, allow_schedule_change, flags)
+        finally:
+            D.teardown()
 
 
-def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, allow_schedule_change: bool) -> dict:
+def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, allow_schedule_change: bool,
+         flags: dict) -> dict:
     state = rundir.resume_state(run_dir, resume, cfg, d)
     start = int(state["step"]) if state is not None else 0
     seed_everything(cfg.seed * 1000 + d.rank)  # dropout masks and mixup λ differ per rank
@@ -139,7 +144,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, a
         restore(t, state)
     state = None  # free the host copy of the weights before training
     schedule = plan(cfg, data.unlabeled_size)
-    rundir.write_start_files(run_dir, cfg, argv, d, start, data.split, t.commit)  # the run really starts here
+    rundir.write_start_files(run_dir, cfg, argv, d, start, data.split, t.commit, flags)  # the run really starts here
     with rundir.StopSignals(d) as stop:
         train_loop(t, schedule, start, stop, MetricsLog(run_dir, cfg.train.tensorboard, enabled=d.is_main,
                                                         resume_step=start))
@@ -186,7 +191,7 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = build_optimizer(net, cfg.optim, d.device)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
-    forwards: nn.Module = SeparateForwards(torch.compile(net) if cfg.train.compile else net)
+    forwards: nn.Module = SeparateForwards(compiled(net, cfg.train.compile))
     if d.enabled:
         # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
         forwards = nn.parallel.DistributedDataParallel(
@@ -223,15 +228,18 @@ def one_step(t: Training, lr: float, weight: float) -> dict:
     if t.cfg.model.channels_last:  # a no-op for the pipelines that already deliver NHWC memory
         batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in batch)
     cfg = t.cfg
-    return train_step(t.forwards, t.net, t.optimizer, batch, method=cfg.method, num_classes=t.data.num_classes,
-                      lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
-                      reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
-                      compile_meta=cfg.train.compile)
+    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=cfg.method, num_classes=t.data.num_classes,
+                       lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
+                       reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
+                       compile_meta=cfg.train.compile)
+    if hasattr(t.data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs
+        t.data.train.prefetch()
+    return stats
 
 
 def log_window(t: Training, done: int, lr: float, weight: float, progress: Progress) -> None:
-    stop_if_not_finite(t, done)
-    values = t.window.means()
+    all_finite, values = read_window(t.finite, t.window.sums, t.window.seen)  # the one host-device sync
+    stop_if_not_finite(t, done, all_finite)
     pairs_per_s = t.window.steps_per_s() * t.cfg.data.batch_size
     values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,
                   epoch=t.data.train.unlabeled_epoch)
@@ -242,8 +250,8 @@ def log_window(t: Training, done: int, lr: float, weight: float, progress: Progr
     t.window.reset()
 
 
-def stop_if_not_finite(t: Training, step: int) -> None:
-    bad = not bool(t.finite)  # a CPU-GPU sync point
+def stop_if_not_finite(t: Training, step: int, all_finite: Optional[bool] = None) -> None:
+    bad = not (bool(t.finite) if all_finite is None else all_finite)  # bool(t.finite): a host-device sync
     if not D.any_rank(bad, t.d):
         return
     kept = (f"The last good checkpoint, {t.checkpoint_path}, is kept" if t.checkpoint_path.is_file()

@@ -7,7 +7,9 @@ import torch.nn as nn
 
 @torch.no_grad()
 def error_counts(net: nn.Module, batches: Iterable, autocast) -> torch.Tensor:
-    """(errors@1, errors@5, loss sum, count) as a float64 device tensor, summable across ranks."""
+    """(errors@1, errors@5, loss sum, count) as a float64 device tensor, summable across ranks.
+
+    Nothing is read back to the host here: the caller reads the totals once, at the end."""
     was_training = net.training
     net.eval()
     totals = None
@@ -19,7 +21,7 @@ def error_counts(net: nn.Module, batches: Iterable, autocast) -> torch.Tensor:
         hit = top == y[:, None]
         row = torch.stack([(~hit[:, 0]).sum(), (~hit.any(dim=1)).sum(),
                            torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
-                           torch.tensor(len(y), device=y.device)]).double()
+                           torch.full((), len(y), device=y.device)]).double()
         totals = row if totals is None else totals + row
     net.train(was_training)
     if totals is None:

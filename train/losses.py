@@ -8,6 +8,12 @@ def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) class indices -> (B, C) one-hot rows of `dtype`. Unlike F.one_hot it does not check the
+    labels' range, which reads two values back to the host at every call."""
+    return (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(dtype)
+
+
 def update_pseudo_labels(pseudo: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """ŷ = ỹ - delta, projected back onto the simplex the cheap way: relu, then renormalise.
 

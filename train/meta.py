@@ -19,7 +19,7 @@ passes over x_u replay one random state, so dropout masks and shake-shake gates 
 """
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from train.compiling import compiled as compile_with
 from train.losses import fp32_or_wider
 
 ESTIMATORS = ("fd", "jvp", "exact")
@@ -117,10 +118,9 @@ def _labeled_loss(model, names, params, buffers, x_l, y_l):
     return F.cross_entropy(fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
 
 
-def _maybe_compiled(fn, compiled: bool):
-    # torch.compile caches its graphs on the function's code object: wrapping again each step
-    # reuses them and recompiles only when the guards (shapes, dtypes, modes) change.
-    return torch.compile(fn) if compiled else fn
+def _maybe_compiled(fn, compiled: Union[bool, str]):
+    # compiled: False/"off", True/"default", or a torch.compile mode (train/compiling.py).
+    return compile_with(fn, compiled)
 
 
 def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
@@ -262,7 +262,7 @@ def meta_targets(
     fd_full_precision: bool = True,
     fd_midpoint: bool = False,
     fd_batched: bool = False,
-    compiled: bool = False,
+    compiled: Union[bool, str] = False,
 ) -> MetaTargets:
     """ỹ = p(x_u; θ) and J_θ p(x_u; θ)·g, the two things one meta step needs.
 
@@ -270,7 +270,8 @@ def meta_targets(
     no gradient synchronisation; `reduce_grad` all-reduces g instead.
 
     fd_batched: fd's eval-mode passes as one vmapped call (`batched_probs`); train mode ignores it.
-    compiled: run the labeled forward, the fd passes or the jvp pass through torch.compile."""
+    compiled: run the labeled forward, the fd passes or the jvp pass through torch.compile (a
+    train.compile mode, or True for the default one)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     names, params, buffers = _state(model)

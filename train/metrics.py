@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Optional
 
 
+def read_window(finite: "torch.Tensor", sums: dict, seen: dict) -> tuple[bool, dict]:
+    """Whether every loss of the window was finite, and the window's mean of each statistic, read
+    from the device in one copy: the only host-device sync of a logging step."""
+    import torch
+
+    keys = list(sums)
+    values = torch.stack([finite.float().reshape(()), *(sums[k].float().reshape(()) for k in keys)]).tolist()
+    return values[0] == 1.0, {k: v / seen[k] for k, v in zip(keys, values[1:])}
+
+
 class MetricsLog:
     """Appends to metrics.jsonl. A run that starts at `resume_step` first drops the records past it,
     written by the process that died after its last checkpoint: they are about to be recomputed."""
@@ -140,9 +150,6 @@ class LogWindow:
             self.seen[k] = self.seen.get(k, 0) + 1
         self.count += 1
         self.timed += 1
-
-    def means(self) -> dict:
-        return {k: v.item() / self.seen[k] for k, v in self.sums.items()}  # a CPU-GPU sync point
 
     def steps_per_s(self) -> float:
         return self.timed / max(time.perf_counter() - self.tick, 1e-9)

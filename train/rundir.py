@@ -31,7 +31,8 @@ RUN_FILES = (FINAL, "metrics.jsonl", "config.yaml", "runs.jsonl", SPLIT_FILE, "c
 # are further checked against the schedule of the finished steps (check_resume_schedule).
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "train.keep_last_evals", "train.progress", "train.tensorboard",
-                     "train.compile", "train.device", "data.root", "data.workers", "data.eval_batch_size")
+                     "train.compile", "train.cudnn_benchmark", "train.deterministic", "train.tf32",
+                     "train.device", "data.root", "data.workers", "data.eval_batch_size")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, continue later with --resume
 
@@ -171,7 +172,7 @@ def continue_command(argv: list[str]) -> str:
 
 
 def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, start: int, split: LabelSplit,
-                      git_commit: str) -> None:
+                      git_commit: str, backend_flags: dict) -> None:
     if not d.is_main:
         return
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -181,7 +182,8 @@ def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, st
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "host": socket.gethostname(),
             "pid": os.getpid(), "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-            "resumed_from_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "resumed_from_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "backend_flags": backend_flags}
     with open(run_dir / "runs.jsonl", "a") as f:  # one line per start, resume or restart
         f.write(json.dumps(info) + "\n")
 

@@ -3,14 +3,16 @@ labeled-only baseline. Algorithm 2 is meta + mixup.
 
 The step returns device tensors and never reads them back: the caller decides when to sync."""
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.compiling import begin_step
 from train.config import MethodConfig
-from train.losses import consistency_mse, fp32_or_wider, mixup_pairs, soft_target_kl, update_pseudo_labels
+from train.losses import (consistency_mse, fp32_or_wider, mixup_pairs, one_hot, soft_target_kl,
+                          update_pseudo_labels)
 from train.meta import GradReducer, meta_targets
 
 
@@ -55,7 +57,7 @@ def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_
 
 def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, lr: float, autocast,
                   reduce_grad: Optional[GradReducer], world_size: int, fd_batched: bool = False,
-                  compile_meta: bool = False) -> tuple[torch.Tensor, dict]:
+                  compile_meta: Union[bool, str] = False) -> tuple[torch.Tensor, dict]:
     """ŷ for the unlabeled batch: the network's prediction ỹ, moved by the meta-gradient when
     method.meta (with meta off, ŷ = ỹ and everything else is unchanged)."""
     was_training = meta_net.training
@@ -70,7 +72,8 @@ def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, l
                 y_tilde = out.pseudo_labels
                 y_hat = update_pseudo_labels(y_tilde, pseudo_label_step(out.jg, lr, method, x_u.shape[0] * world_size))
                 stats = {"pseudo_label_shift": (y_hat - y_tilde).abs().sum(dim=1).mean(),
-                         "labeled_grad_norm": out.grad_norm.float()}
+                         # A copy: under CUDA graphs the next replay overwrites the graph's outputs.
+                         "labeled_grad_norm": out.grad_norm.float().clone()}
             else:
                 with torch.no_grad():
                     y_hat = torch.softmax(fp32_or_wider(meta_net(x_u)), dim=1)
@@ -96,7 +99,7 @@ def train_step(
     world_size: int = 1,
     before_backward: Optional[Callable[[torch.Tensor], None]] = None,
     fd_batched: bool = False,
-    compile_meta: bool = False,
+    compile_meta: Union[bool, str] = False,
 ) -> dict[str, torch.Tensor]:
     """One step of SGD on labeled batch (x_l, y_l) and unlabeled batch x_u.
 
@@ -104,12 +107,14 @@ def train_step(
     meta_net: the plain network, for the meta part (no gradient synchronisation needed there).
     fd_batched: run fd's eval-mode passes as one vmapped call (see train.meta.batched_probs); off by
     default because on the CPU the grouped convolutions it makes are slower (docs/PERF.md).
-    compile_meta: torch.compile the meta part's passes (pass it with a compiled `forwards`).
+    compile_meta: torch.compile the meta part's passes in this train.compile mode (pass it with
+    `forwards` compiled in the same mode: under CUDA graphs the step marks its beginning for both).
     Returns detached scalar tensors for logging."""
     x_l, y_l, x_u = batch
     device = x_l.device
     autocast = autocast_for(device, precision)
     stats: dict[str, torch.Tensor] = {}
+    begin_step(compile_meta, device)
 
     if method.unlabeled:
         y_hat, stats = pseudo_labels(meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
@@ -126,7 +131,7 @@ def train_step(
             loss_cls = F.cross_entropy(fp32_or_wider(logits_l), y_l)
         else:
             lam = mixup_ratios(method.mixup_gamma, x_l.shape[0], device)  # (B,)
-            onehot = F.one_hot(y_l, num_classes).to(y_hat.dtype)
+            onehot = one_hot(y_l, num_classes, y_hat.dtype)
             x_in, y_in = mixup_pairs(x_l, onehot, x_u, y_hat, lam)
             logits_in, *logits_u = forwards(x_in, x_u) if with_consistency else forwards(x_in)
             loss_cls = soft_target_kl(logits_in, y_in)
