@@ -90,15 +90,20 @@ def _rng_replayer(model: nn.Module, device: torch.device) -> Callable[[], None]:
 
 @contextmanager
 def _full_precision(device: torch.device):
-    """fp32 without TF32: the ±εg perturbation is below the resolution of bf16 and TF32 weights."""
-    autocast_off = torch.autocast(device.type, enabled=False)
-    tf32_off = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    """fp32 without TF32: the ±εg perturbation is below the resolution of bf16 and TF32 weights.
+
+    Only the two TF32 switches change. torch.backends.cudnn.flags() would also put `benchmark` and
+    `deterministic` back to its own defaults for the duration; and the legacy switches are used
+    because they are what the rest of torch reads without complaint when a program sets TF32 by them
+    (mixing them with the newer fp32_precision settings makes torch refuse to read either)."""
+    cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with autocast_off, tf32_off:
+        with torch.autocast(device.type, enabled=False):
             yield
     finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
