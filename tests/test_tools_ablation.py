@@ -101,8 +101,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
 
 
 def test_stop_interrupts_each_run_as_ctrl_c_would():
-    code = ("import sys, time\nprint('ready', flush=True)\ntry:\n    time.sleep(600)\n"
-            "except KeyboardInterrupt:\n    sys.exit(130)\n")
+    # The child installs Python's Ctrl-C handler itself, as the trainer does: a process started with
+    # SIGINT ignored (a test runner's worker, a background job) would otherwise inherit the ignoring.
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "try:\n    print('ready', flush=True)\n    time.sleep(600)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline() == "ready\n"
 

@@ -276,7 +276,7 @@ def test_each_table_names_the_error_it_shows_and_the_readme_agrees(tmp_path, rep
         args = [str(tmp_path / "runs"), "--out", str(tmp_path / f"out-{metric}")] + (["--metric", metric] if metric else [])
         assert main(args) == 0
         text = (tmp_path / f"out-{metric}" / "report.md").read_text()
-        (table,) = markdown_tables(section(text, "## Ablation"))
+        table, *_ = markdown_tables(section(text, "## Ablation"))  # then the paired comparison
         column = METRICS[metric or DEFAULT_METRIC][0]
         assert table[0][3] == column and {r[0]: r[3] for r in table[1:]}["2"] == row2
         assert f"`{metric or DEFAULT_METRIC}` in final.json" in text

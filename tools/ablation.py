@@ -122,7 +122,7 @@ def settings_differ(run: Planned) -> list[str]:
     wanted = flatten(yaml.safe_load(yaml.safe_dump(run.config)))  # as the run folder would hold it
     ignore = set(NOT_THE_EXPERIMENT) - {"seed"}
     if run.state == "unfinished":
-        from train.engine import RESUMABLE_CHANGES
+        from train.rundir import RESUMABLE_CHANGES
 
         ignore |= set(RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k, '<absent>')!r} there, {wanted.get(k, '<absent>')!r} here"
