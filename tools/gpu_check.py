@@ -256,16 +256,24 @@ def check_fidelity(plan: Plan, timeout: float) -> list[Row]:
 # 4. Throughput
 
 
-def bench_rows(label: str, argv: list[str], plan: Plan, timeout: float, goals: bool) -> list[Row]:
+def bench_rows(label: str, argv: list[str], plan: Plan, timeout: float, goals: bool, summaries: dict,
+               flops_of: Optional[dict] = None) -> list[Row]:
+    """One tools.bench run as a row; its summary is kept in `summaries` under `label`.
+    `flops_of`: an earlier summary whose FLOP counts this run shares
+    (a compiled run is timed with --no-flops: the counter is a dispatch mode, which compiled graphs
+    would have to be traced again under)."""
     rc, text = run_module("tools.bench", argv + ["--json"], isolate=not plan.dry_run, timeout=timeout)
     s = last_json(text) if rc == 0 else None
     setting = f"{label}: python -m tools.bench {' '.join(argv)}"
     if s is None:
         return [Row("bench", setting, f"failed (rc {rc}): {text.strip()[-300:]}", status="FAIL")]
+    summaries[label] = s
     meta = f"meta+mixup {s['estimator']}"
     memory = s["peak_memory_mb"]
     memory_mb = memory.get(meta, memory.get("process"))
     mfu = s.get("mfu_meta")
+    if mfu is None and flops_of and s.get("peak_tflops") and meta in flops_of.get("gflop_per_step", {}):
+        mfu = flops_of["gflop_per_step"][meta] * 1e9 * s["steps_per_s"] / (s["peak_tflops"] * 1e12)
     result = (f"{s['steps_per_s']:.1f} steps/s ({s['pairs_per_s']:.0f} pairs/s), ratio {s['ratio']:.2f} "
               f"(fd {s['ratio_fd']:.2f}, jvp {s['ratio_jvp']:.2f}), MFU "
               f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, peak {memory_mb} MB, "
@@ -409,6 +417,7 @@ def main(argv=None) -> list[Row]:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="runs-", dir=args.out))
     rows: list[Row] = []
+    summaries: dict = {}  # tools.bench summaries by row label: the compiled row takes the eager one's FLOPs
 
     def left() -> float:
         return args.budget_s - (time.monotonic() - began)
@@ -422,16 +431,17 @@ def main(argv=None) -> list[Row]:
         ("fidelity", 60, lambda t: check_fidelity(plan, t)),
         ("bench eager", 60, lambda t: bench_rows(f"{plan.bench_model} eager", bench_argv(
             plan, plan.bench_model, plan.bench_batch, plan.bench_steps, 1 if plan.dry_run else 10), plan, t,
-            goals=not plan.dry_run)),
-        ("bench resnet18", 60, lambda t: bench_rows(f"ResNet-18 {plan.resnet_size}px", resnet, plan, t, False)),
+            goals=not plan.dry_run, summaries=summaries)),
+        ("bench resnet18", 60, lambda t: bench_rows(f"ResNet-18 {plan.resnet_size}px", resnet, plan, t, False,
+                                                    summaries)),
         ("collectives", 10, lambda t: check_collectives(plan)),
         ("real run", 90, lambda t: check_real_run(plan, args.cifar, work, t)),
-        ("CUDA tests", 90, lambda t: check_cuda_tests(plan, t)),
+        ("CUDA tests", 150, lambda t: check_cuda_tests(plan, t)),
     ]
     if not plan.dry_run:
-        checks.append(("bench compiled", 150, lambda t: bench_rows("Conv-Large compiled, CUDA graphs", bench_argv(
-            plan, plan.bench_model, plan.bench_batch, plan.bench_steps, 3, ["--compile", "reduce-overhead"]),
-            plan, t, True)))
+        checks.append(("bench compiled", 150, lambda t: bench_rows("convlarge compiled, CUDA graphs", bench_argv(
+            plan, plan.bench_model, plan.bench_batch, plan.bench_steps, 3, ["--compile", "reduce-overhead", "--no-flops"]),
+            plan, t, True, summaries, flops_of=summaries.get(f"{plan.bench_model} eager"))))
     for name, needs, check in checks:
         t0 = time.monotonic()
         if not plan.dry_run and left() < needs:
