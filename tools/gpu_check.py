@@ -355,8 +355,8 @@ def check_collectives(plan: Plan) -> list[Row]:
     if dist.is_initialized():
         return [Row("collectives", backend, "skipped: a process group already exists", status="skipped")]
     try:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=plan.device if plan.device.type == "cuda" else None)
+        device_id = torch.device("cuda", torch.cuda.current_device()) if plan.device.type == "cuda" else None
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         d = D.Dist(0, 1, 0, plan.device)
         size = 1 << (16 if plan.dry_run else 24)
         x = torch.ones(size, device=plan.device)
@@ -376,7 +376,7 @@ def check_collectives(plan: Plan) -> list[Row]:
         # any_rank is the engine's stop-together vote; with one rank it answers without a collective.
         dist.all_reduce(torch.ones(1, device=plan.device), op=dist.ReduceOp.MAX)
         result = (f"all_reduce, broadcast, all_gather_object, average_grads: {'correct' if correct else 'WRONG'}; "
-                  f"all_reduce of {size * 4 / 2 ** 20:.0f} MB {ms:.2f} ms")
+                  f"all_reduce of {size * 4 / 2 ** 20:g} MB {ms:.2f} ms")
         return [Row("collectives", f"{backend}, 1 process", result, status="ok" if correct else "FAIL")]
     except Exception as e:  # the backend itself may be missing or broken: that is what this checks
         return [Row("collectives", f"{backend}, 1 process", f"error: {str(e).splitlines()[0][:200]}", status="FAIL")]
@@ -415,7 +415,8 @@ def main(argv=None) -> list[Row]:
 
     began = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="runs-", dir=args.out))
+    work = Path(tempfile.mkdtemp(prefix="runs-", dir=args.out.resolve()))  # the runs start in the checkout
+    cifar = args.cifar.resolve() if args.cifar is not None else None
     rows: list[Row] = []
     summaries: dict = {}  # tools.bench summaries by row label: the compiled row takes the eager one's FLOPs
 
@@ -435,7 +436,7 @@ def main(argv=None) -> list[Row]:
         ("bench resnet18", 60, lambda t: bench_rows(f"ResNet-18 {plan.resnet_size}px", resnet, plan, t, False,
                                                     summaries)),
         ("collectives", 10, lambda t: check_collectives(plan)),
-        ("real run", 90, lambda t: check_real_run(plan, args.cifar, work, t)),
+        ("real run", 90, lambda t: check_real_run(plan, cifar, work, t)),
         ("CUDA tests", 150, lambda t: check_cuda_tests(plan, t)),
     ]
     if not plan.dry_run:
