@@ -1,0 +1,29 @@
+"""tools.gpu_check --dry-run: every check of the first-GPU command runs on the CPU at tiny sizes."""
+import json
+
+import pytest
+
+from tools import gpu_check
+
+
+@pytest.mark.slow
+def test_the_dry_run_runs_every_check_and_writes_one_table(tmp_path):
+    rows = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    checks = {r.check for r in rows}
+    assert {"CUDA tests", "host syncs / step", "fidelity ∇ỹ", "bench", "collectives", "real run", "resume"} <= checks
+    assert [r for r in rows if r.status == "FAIL"] == []
+    syncs = [r for r in rows if r.check == "host syncs / step"]
+    assert len(syncs) == 7 and all(r.result == "0" for r in syncs)  # five Table-4 rows, fd and jvp where meta
+    assert next(r for r in rows if r.check == "resume").result.startswith("weights bit-identical")
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "commit" in table and "DALI" in table
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["header"]["torch"]
+
+
+def test_without_a_gpu_the_real_check_refuses_with_one_line(capsys):
+    if gpu_check.torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args([])
+    assert "--dry-run" in capsys.readouterr().err
