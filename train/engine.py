@@ -22,6 +22,7 @@ from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, OptimConfig, config_diff, to_dict
 from train.evaluate import error_counts, errors_from_counts
+from train.meta import resolve_estimator
 from train.metrics import MetricsLog, Progress, summarize_evals
 from train.schedule import consistency_weight, learning_rate
 from train.step import SeparateForwards, autocast_for, train_step
@@ -124,9 +125,15 @@ def _launch_command(argv: list[str]) -> str:
     return " ".join(cmd)
 
 
+def run_estimator(cfg: Config) -> str:
+    """The estimator the run's meta steps use (`method.estimator=auto` resolved by train.precision)."""
+    return resolve_estimator(cfg.method.estimator, cfg.train.precision != "fp32")
+
+
 def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, resumed_from: int) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     info = {"command": _launch_command(argv), "argv": argv, "git_commit": git_commit(),
+            "estimator": run_estimator(cfg),
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device), "torch": torch.__version__,
             "python": platform.python_version(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -136,8 +143,17 @@ def _write_run_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, res
         f.write(json.dumps(info) + "\n")
 
 
+def _with_resolved_estimator(config: dict) -> dict:
+    """A config dict whose method.estimator names what runs, so that `auto` and the estimator it
+    resolves to count as the same setting on resume."""
+    method, train = config.get("method", {}), config.get("train", {})
+    estimator = resolve_estimator(method.get("estimator", "auto"), train.get("precision", "fp32") != "fp32")
+    return {**config, "method": {**method, "estimator": estimator}}
+
+
 def _check_resume_config(saved: dict, cfg: Config) -> None:
-    changes = [c for c in config_diff(saved, to_dict(cfg)) if not c.startswith(RESUMABLE_CHANGES)]
+    changes = [c for c in config_diff(_with_resolved_estimator(saved), _with_resolved_estimator(to_dict(cfg)))
+               if not c.startswith(RESUMABLE_CHANGES)]
     if changes:
         raise ValueError("the config differs from the one the run was started with:\n  " + "\n  ".join(changes) +
                          "\nResume with the original settings, or start a new run in another --out folder.")
@@ -329,7 +345,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist) -
     summary = {**summarize_evals(evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
                "world_size": d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
                "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-               "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": commit,
+               "unlabeled": cfg.method.unlabeled, "estimator": run_estimator(cfg), "git_commit": commit,
                "precision": cfg.train.precision, "global_batch": global_batch,
                "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
                "weights_sha256_per_rank": fingerprints}
