@@ -131,7 +131,14 @@ def _maybe_compiled(fn, compiled: bool):
 
 def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
                  compiled: bool = False):
-    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2)."""
+    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2).
+
+    Under autocast g is taken in the run's precision. Its error there does not come from BatchNorm
+    (autocast keeps it in fp32) nor from the loss (reduced in fp32): it comes from the ReLU and
+    max-pool switches, which the bf16 rounding of weights and activations flips wherever a unit sits
+    near its kink. Where ∇ỹ is dominated by the body of the network (ResNet-18) that error is of the
+    same size as rounding the weights alone, so only fp32 weights (an fp32 pass) would remove it
+    (docs/PERF.md, "Fidelity")."""
     with torch.enable_grad():
         loss = _maybe_compiled(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
