@@ -75,6 +75,7 @@ def test_a_run_folder_holds_config_command_commit_metrics_and_result(tmp_path):
     assert load_config(str(tmp_path / "config.yaml")) == digits("train.tensorboard=true")
     started = json.loads((tmp_path / "runs.jsonl").read_text())
     assert started["command"].endswith("-m train digits --set train.steps=12") and started["git_commit"]
+    assert started["estimator"] == "fd"  # method.estimator=auto in an fp32 run
     final = json.loads((tmp_path / "final.json").read_text())
     assert final == json.loads(json.dumps(summary))
     for key in ("test_error", "best_test_error", "steps", "world_size", "num_labels", "dataset", "model", "seed",
@@ -100,6 +101,8 @@ def test_mixed_precision_trains_and_saves_its_loss_scale(tmp_path, precision):
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path, "train"))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ("scaler" in state) == (precision == "fp16")
+    started = json.loads((tmp_path / "runs.jsonl").read_text())
+    assert started["estimator"] == summary["estimator"] == "jvp"  # method.estimator=auto under autocast
 
 
 def test_resuming_with_a_changed_experiment_is_refused(tmp_path):
@@ -111,3 +114,5 @@ def test_resuming_with_a_changed_experiment_is_refused(tmp_path):
     summary = run(digits("train.steps=12"), tmp_path, resume=True)  # more steps: allowed
     assert summary["steps"] == 12
     assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [6, 12]
+    # A run started with estimator=fd resumes under the default auto when that resolves to fd.
+    run(digits("train.steps=14", "method.estimator=fd"), tmp_path, resume=True)

@@ -1,10 +1,15 @@
 """The meta part under autocast: which estimator runs, in which precision, how faithfully, and what
 it does to the backend's global switches."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from train.meta import meta_targets
+from tools.fidelity import measure
+from train.meta import meta_targets, pseudo_label_grad, resolve_estimator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,3 +66,128 @@ def test_fd_full_precision_turns_off_tf32_and_nothing_else(backend_switches):
     # ... and both TF32 switches are back on afterwards.
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# The default estimator under autocast
+
+
+def bn_net(classes=4):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+
+def small_batch(size=8, n=6, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g),
+            torch.randn(n, 3, size, size, generator=g))
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """The input dtypes of every convolution and matrix product, forward and backward."""
+
+    OPS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "linear", "_convolution"}
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.dtypes += [a.dtype for a in args[:2] if isinstance(a, torch.Tensor)]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("meta_mode", ["eval", "train"])
+def test_auto_runs_the_meta_part_in_bf16_without_an_fp32_pass(meta_mode):
+    torch.manual_seed(0)
+    net = bn_net().train(meta_mode == "train")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with MatmulDtypes() as auto:
+            out = meta_targets(net, *small_batch())
+        with MatmulDtypes() as fd:  # the control: fd's passes are fp32 by design
+            meta_targets(net, *small_batch(), estimator="fd")
+    assert len(auto.dtypes) > 10
+    assert set(auto.dtypes) == {torch.bfloat16}
+    assert torch.float32 in fd.dtypes
+    assert out.jg.dtype == out.pseudo_labels.dtype == torch.float32
+
+
+def test_auto_is_jvp_under_autocast_and_fd_in_fp32():
+    assert [resolve_estimator("auto", low) for low in (True, False)] == ["jvp", "fd"]
+    assert [resolve_estimator(e, True) for e in ("fd", "jvp", "exact")] == ["fd", "jvp", "exact"]
+    torch.manual_seed(0)
+    net = bn_net().eval()
+    batch = small_batch()
+    assert torch.equal(meta_targets(net, *batch).jg, meta_targets(net, *batch, estimator="fd").jg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(meta_targets(net, *batch).jg, meta_targets(net, *batch, estimator="jvp").jg)
+
+
+# ---------------------------------------------------------------------------------------------
+# jvp where BatchNorm keeps its statistics in fp32 (CUDA)
+
+
+def cuda_like_batch_norm(monkeypatch):
+    """Makes F.batch_norm save fp32 batch statistics for bf16 inputs, as CUDA's kernel does.
+
+    The CPU's kernel saves statistics in its weight's dtype, so giving it fp32 weights reproduces
+    CUDA's case: BatchNorm's forward-mode rule, which reads those statistics, returns an fp32
+    tangent beside a bf16 output."""
+    real = F.batch_norm
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5):
+        if training and input.dtype in (torch.bfloat16, torch.float16):
+            weight = None if weight is None else weight.float()
+            bias = None if bias is None else bias.float()
+        return real(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    monkeypatch.setattr(F, "batch_norm", batch_norm)
+
+
+def test_the_cuda_like_batch_norm_gives_an_fp32_tangent(monkeypatch):
+    cuda_like_batch_norm(monkeypatch)
+    x, w = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+    out, tangent = torch.func.jvp(lambda x, w: F.batch_norm(x, None, None, w, None, True), (x, w), (x, w))
+    assert (out.dtype, tangent.dtype) == (torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("meta_mode", ["train", "eval"])
+def test_jvp_under_bf16_with_fp32_batchnorm_statistics(monkeypatch, meta_mode):
+    """Fails with "Input type (float) and weight type (BFloat16) should be the same" when
+    BatchNorm's fp32 tangent reaches the next convolution."""
+    cuda_like_batch_norm(monkeypatch)
+    torch.manual_seed(0)
+    net = bn_net().train(meta_mode == "train")
+    x_l, y_l, x_u = small_batch()
+    reference = pseudo_label_grad(copy.deepcopy(net).double(), x_l.double(), y_l, x_u.double(), lr=0.1,
+                                  method="jvp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pseudo_label_grad(net, x_l, y_l, x_u, lr=0.1, method="jvp")
+    assert low.dtype == torch.float32
+    assert cosine(low, reference) > 0.999
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity of the default under bf16, on the paper's networks at small sizes (tools.fidelity)
+
+
+@pytest.mark.parametrize("network,batch,classes", [("convlarge", 4, 10), ("shakeshake26", 2, 10)])
+def test_auto_under_bf16_meets_the_fidelity_bound(network, batch, classes):
+    result = measure(network, "bf16", batch, 32, classes, rows=("jvp",))
+    assert result["rows"]["auto"]["resolves_to"] == "jvp"
+    assert result["rows"]["auto"]["cosine"] >= 0.999
+
+
+def test_resnet18_under_bf16_is_bounded_by_its_rounded_weights():
+    """ResNet-18's ∇ỹ moves by more than the bound when only its convolution and linear weights are
+    rounded to bf16 (float64 arithmetic otherwise): no estimator under autocast, which runs on those
+    weights, can reach 0.999 there (docs/PERF.md, "Fidelity")."""
+    result = measure("resnet18", "bf16", 4, 32, 10, rows=("floor", "jvp"))
+    assert result["rows"]["floor"]["cosine"] < 0.999

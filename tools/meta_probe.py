@@ -37,6 +37,7 @@ def probe(path, *, multipliers: Sequence[float] = (0.0, 0.1, 0.3, 1.0, 3.0), bat
     from tools.runs import restore
     from train.losses import update_pseudo_labels
     from train.meta import meta_targets
+    from train.meta import resolve_estimator
     from train.step import pseudo_label_step
 
     restored = restore(path, data_root=data_root, device=device, warn=warn)
@@ -46,7 +47,7 @@ def probe(path, *, multipliers: Sequence[float] = (0.0, 0.1, 0.3, 1.0, 3.0), bat
     method, batch = cfg.method, cfg.data.batch_size
     lr = cfg.optim.lr if lr is None else lr
     mode = mode or method.meta_mode
-    estimator = "fd" if method.estimator not in ("fd", "jvp", "exact") else method.estimator
+    estimator = resolve_estimator(method.estimator, low_precision=False)  # the probe runs in fp32
     gen = torch.Generator().manual_seed(seed)
     x_lab, y_lab = _images(data, "labeled", batches * batch, gen)
     x_unl, y_unl = _images(data, "unlabeled", batches * batch, gen)

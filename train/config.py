@@ -26,7 +26,7 @@ class MethodConfig:
     unlabeled: bool = True  # false: the labeled-only baseline (CE on the labeled batch, nothing else)
     meta: bool = True  # move pseudo labels by the meta-gradient (Table 4 "Meta")
     mixup: bool = True  # cross-domain mixup of labeled and unlabeled pairs (Table 4 "Mix-Up")
-    estimator: str = "fd"  # how J·g is computed: fd | jvp | exact
+    estimator: str = "auto"  # how J·g is computed: auto (jvp under bf16/fp16, fd in fp32) | fd | jvp | exact
     eps: float = 0.01  # fd: the parameters move by eps in L2 norm (ε = eps / ||g||)
     fd_full_precision: bool = True  # fd passes in fp32 without TF32 even under autocast (DESIGN §2)
     fd_midpoint: bool = False  # fd: take ỹ as (p(θ+εg) + p(θ-εg))/2, one forward fewer, O(ε²) off p(θ)

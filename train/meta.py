@@ -10,6 +10,7 @@ a Jacobian-vector product (DESIGN §1.3). Three estimators of J·g:
 - ``exact``: autograd through the unrolled SGD step (double backward); the slow reference.
 - ``fd``: central finite difference of two forwards at θ ± εg with ε = eps/||g|| (paper Eq. 11).
 - ``jvp``: forward-mode AD, which returns p(θ) and J·g from one pass.
+- ``auto`` (the default): ``jvp`` under bf16/fp16 autocast, ``fd`` otherwise (`resolve_estimator`).
 
 Every estimator leaves the model's parameters and buffers bit for bit as it found them: parameters
 are never written (perturbed copies come from out-of-place foreach ops), and BatchNorm layers stop
@@ -30,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from train.compiling import compiled as compile_with
 from train.losses import fp32_or_wider
 
-ESTIMATORS = ("fd", "jvp", "exact")
+ESTIMATORS = ("auto", "fd", "jvp", "exact")
 
 GradReducer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -130,7 +131,14 @@ def _maybe_compiled(fn, compiled: Union[bool, str]):
 
 def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
                  compiled: bool = False):
-    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2)."""
+    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2).
+
+    Under autocast g is taken in the run's precision. Its error there does not come from BatchNorm
+    (autocast keeps it in fp32) nor from the loss (reduced in fp32): it comes from the ReLU and
+    max-pool switches, which the bf16 rounding of weights and activations flips wherever a unit sits
+    near its kink. Where ∇ỹ is dominated by the body of the network (ResNet-18) that error is of the
+    same size as rounding the weights alone, so only fp32 weights (an fp32 pass) would remove it
+    (docs/PERF.md, "Fidelity")."""
     with torch.enable_grad():
         loss = _maybe_compiled(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -200,25 +208,76 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def resolve_estimator(estimator: str, low_precision: bool) -> str:
+    """The estimator that `estimator` names in a run with (or without) bf16/fp16 autocast.
+
+    auto: under autocast jvp, one pass in the low precision. fd would need its passes in fp32 without
+    TF32, because ±εg is below bf16 resolution, and on a GPU those run at a fifteenth of the bf16 rate;
+    jvp has no ε to resolve and stays faithful in bf16 (docs/PERF.md, "Fidelity"). In fp32 runs fd,
+    the authors' estimator, which costs the same as jvp there."""
+    if estimator == "auto":
+        return "jvp" if low_precision else "fd"
+    return estimator
+
+
+@contextmanager
+def _tangents_in_primal_dtype(model: nn.Module, dtype: torch.dtype):
+    """Makes every BatchNorm output's tangent `dtype`, as its primal is.
+
+    BatchNorm's forward-mode rule computes the tangent from the statistics the kernel saved, and
+    CUDA's kernel saves them in fp32 even for bf16 inputs and weights, and both devices' kernels do
+    for fp32 weights: in train mode the tangent then comes out fp32, and the next bf16 convolution
+    refuses the pair ("Input type (float) and weight type (BFloat16) should be the same").
+    `to(dtype, copy=True)` is a copy of the primal (already `dtype`) whose rule casts the tangent."""
+    def cast(module, inputs, output):
+        return output.to(dtype, copy=True)
+
+    handles = [m.register_forward_hook(cast) for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _batchnorm_tensor_names(model: nn.Module) -> set[str]:
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, m in model.named_modules() if isinstance(m, _BatchNorm)
+            for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
+
+
 def _jvp(model, names, params, buffers, g, x_u):
     primals, tangents = [p.detach() for p in params], g
+    gnorm = _global_norm(g)
     low = _autocast_dtype(x_u.device)
+    tangent_dtype, unscale = nullcontext(), None
     if low is not None:
-        # Under autocast, ops whose forward-mode rule promotes to fp32 (BatchNorm) feed an fp32
-        # dual tensor into the next conv, which autocast then fails to cast. Running the whole
-        # pass in the low precision avoids that; cosine to a float64 reference stays > 0.9999.
-        def cast(t):
-            return t.to(low) if t.is_floating_point() else t
+        # The pass runs in the low precision as autocast's own forward does: convolutions and
+        # linear layers on low-precision weights, BatchNorm on its fp32 weights and statistics
+        # (rounding those to bf16 costs fidelity: docs/PERF.md). Autocast itself cannot be left to
+        # cast the weights: it looks at a dual tensor's primal only, so a tangent whose dtype
+        # differs from its primal's reaches the convolution uncast.
+        keep_fp32 = _batchnorm_tensor_names(model)
 
-        primals, tangents = [cast(p) for p in primals], [cast(t) for t in tangents]
-        buffers = {n: cast(b) for n, b in buffers.items()}
+        def cast(name, t):
+            return t.to(low) if t.is_floating_point() and name not in keep_fp32 else t
+
+        if low == torch.float16:
+            # J·g is linear in g: a tangent as long as θ keeps fp16's narrow range away from both
+            # underflow (g's entries can be far below 6e-5) and overflow.
+            unscale = gnorm / _global_norm(primals)
+            tangents = torch._foreach_div(tangents, unscale)
+        primals = [cast(n, p) for n, p in zip(names, primals)]
+        tangents = [cast(n, t) for n, t in zip(names, tangents)]
+        buffers = {n: cast(n, b) for n, b in buffers.items()}
+        tangent_dtype = _tangents_in_primal_dtype(model, low)
 
     def probs_of(flat_params):
         return _probs(_call(model, names, flat_params, buffers, x_u))
 
-    with torch.no_grad():
+    with torch.no_grad(), tangent_dtype:
         center, jg = jvp(probs_of, (primals,), (tangents,))
-    return center, jg, _global_norm(g)
+    return center, (jg if unscale is None else jg * unscale), gnorm
 
 
 def _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad):
@@ -261,7 +320,7 @@ def meta_targets(
     y_l: torch.Tensor,
     x_u: torch.Tensor,
     *,
-    estimator: str = "fd",
+    estimator: str = "auto",
     eps: float = 0.01,
     reduce_grad: Optional[GradReducer] = None,
     fd_full_precision: bool = True,
@@ -279,6 +338,7 @@ def meta_targets(
     train.compile mode, or True for the default one)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    estimator = resolve_estimator(estimator, _autocast_dtype(x_u.device) is not None)
     names, params, buffers = _state(model)
     with _frozen_batchnorm_stats(model):
         if estimator == "exact":
@@ -300,7 +360,7 @@ def pseudo_label_grad(
     x_u: torch.Tensor,
     *,
     lr: float,
-    method: str = "fd",
+    method: str = "auto",
     eps: float = 0.01,
     **kwargs,
 ) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pipelines import SPLIT_FILE, DataConfig, LabelSplit
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, config_diff, from_dict, to_dict
+from train.meta import resolve_estimator
 from train.runlock import RunFolderError, lock_run_folder
 from train.schedule import learning_rate, plan
 
@@ -119,8 +120,22 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
     return state
 
 
+def run_estimator(cfg: Config) -> str:
+    """The estimator the run's meta steps use (`method.estimator=auto` resolved by train.precision)."""
+    return resolve_estimator(cfg.method.estimator, cfg.train.precision != "fp32")
+
+
+def _with_resolved_estimator(config: dict) -> dict:
+    """A config dict whose method.estimator names what runs, so that `auto` and the estimator it
+    resolves to count as the same setting on resume."""
+    method, train = config.get("method", {}), config.get("train", {})
+    estimator = resolve_estimator(method.get("estimator", "auto"), train.get("precision", "fp32") != "fp32")
+    return {**config, "method": {**method, "estimator": estimator}}
+
+
 def check_resume_config(saved: dict, cfg: Config) -> None:
-    changes = [c for c in config_diff(saved, to_dict(cfg)) if not c.startswith(RESUMABLE_CHANGES)]
+    changes = [c for c in config_diff(_with_resolved_estimator(saved), _with_resolved_estimator(to_dict(cfg)))
+               if not c.startswith(RESUMABLE_CHANGES)]
     if changes:
         raise ValueError("the config differs from the one the run was started with:\n  " + "\n  ".join(changes) +
                          "\nResume with the original settings, or start a new run in another --out folder.")
@@ -177,7 +192,7 @@ def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, st
         return
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     split.save(run_dir / SPLIT_FILE)
-    info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit,
+    info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit, "estimator": run_estimator(cfg),
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "host": socket.gethostname(),
