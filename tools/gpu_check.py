@@ -245,7 +245,9 @@ def check_fidelity(plan: Plan, timeout: float) -> list[Row]:
     if importlib.util.find_spec("tools.fidelity") is None:
         rows.append(Row("tools.fidelity", "-", "skipped: tools.fidelity is not in this checkout", status="skipped"))
     else:
-        argv = ["--device", plan.device.type] + (["--dry-run"] if plan.dry_run else [])
+        # tools.fidelity computes on the CPU (fidelity is a property of the arithmetic): the paper's
+        # Conv-Large batch on the check's machine, two images in the rehearsal.
+        argv = ["--network", "convlarge", "--precision", "bf16"] + (["--batch", "2", "--threads", "1"] if plan.dry_run else [])
         rc, text = run_module("tools.fidelity", argv, isolate=True, timeout=timeout)
         tail = " / ".join(text.strip().splitlines()[-3:])[:400]
         rows.append(Row("tools.fidelity", " ".join(argv), tail, status="ok" if rc == 0 else "FAIL"))
