@@ -133,3 +133,19 @@ def test_the_readme_lists_the_rows_as_the_study_trains_them(repo_root):
         listed[name] = tuple(overrides.split()) if overrides != "(none)" else ()
     assert listed == TABLE4_ROWS
     assert "python -m tools.ablation digits --seeds 0-9 --out runs/table4" in text
+
+
+def test_an_older_run_folder_matches_the_same_experiment_made_today():
+    # A run saved before keys were added (and with the estimator that `auto` resolves to in fp32)
+    # is the same experiment as today's default: the study must not refuse it, the report not split it.
+    from train.config import Config, to_dict
+    from tools.runs import normalized_config
+
+    today = to_dict(Config())
+    older = to_dict(Config())
+    older["method"]["estimator"] = "fd"
+    del older["train"]["deterministic"]
+    assert today["method"]["estimator"] == "auto"
+    assert normalized_config(older) == normalized_config(today)
+    older["method"]["meta_multiplier"] = 0.5
+    assert normalized_config(older) != normalized_config(today)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, TABLE4_VARIANTS, flatten, is_run_dir
+from tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, TABLE4_VARIANTS, is_run_dir, normalized_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGS = "logs"
@@ -118,8 +118,8 @@ def settings_differ(run: Planned) -> list[str]:
     path = run.path / CONFIG
     if not path.is_file():
         return []
-    saved = flatten(yaml.safe_load(path.read_text()) or {})
-    wanted = flatten(yaml.safe_load(yaml.safe_dump(run.config)))  # as the run folder would hold it
+    saved = normalized_config(yaml.safe_load(path.read_text()) or {})
+    wanted = normalized_config(yaml.safe_load(yaml.safe_dump(run.config)))  # as the run folder would hold it
     ignore = set(NOT_THE_EXPERIMENT) - {"seed"}
     if run.state == "unfinished":
         from train.rundir import RESUMABLE_CHANGES

@@ -21,7 +21,8 @@ RUN_MARKERS = (CONFIG, METRICS, "runs.jsonl", CHECKPOINT.as_posix())
 # seed: runs that differ only in these are repeats of one experiment.
 NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size", "data.split_file",
                       "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_last_evals",
-                      "train.progress", "train.tensorboard", "train.device", "train.compile")
+                      "train.progress", "train.tensorboard", "train.device", "train.compile",
+                      "train.cudnn_benchmark", "train.deterministic", "train.tf32")
 # The switches that Table 4 varies, and the baseline switch.
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
 # The rows of an ablation study: the labeled-only baseline and Table 4's rows 1-4, each as the
@@ -143,13 +144,27 @@ def read_evals(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def normalized_config(tree: dict) -> dict:
+    """A saved config as today's code reads it, flattened: keys added since the run was made take
+    their defaults, and method.estimator names the estimator that runs (`auto` resolved), so that
+    an older run and a new one of the same experiment compare equal. A config today's code cannot
+    read is compared as it was saved."""
+    from train.config import Config, from_dict, to_dict
+    from train.rundir import _with_resolved_estimator
+
+    try:
+        return flatten(_with_resolved_estimator(to_dict(from_dict(Config, tree))))
+    except (KeyError, ValueError, TypeError):
+        return flatten(tree)
+
+
 def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         return {}
     import yaml
 
-    return flatten(yaml.safe_load(path.read_text()) or {})
+    return normalized_config(yaml.safe_load(path.read_text()) or {})
 
 
 def load_run(run_dir: Path) -> Run:
