@@ -317,7 +317,7 @@ def check_real_run(plan: Plan, root: Optional[Path], work: Path, timeout: float)
     from train.metrics import read_metrics
 
     if root is None and not plan.dry_run:
-        return [Row("CIFAR-10 run", "-", "skipped: pass --cifar DIR (made by make_cifar10.py)", status="skipped")]
+        return [Row("CIFAR-10 run", "-", "skipped: pass --cifar DIR (a folder holding cifar-10-batches-py/)", status="skipped")]
     data = "scikit-learn's digits" if plan.dry_run else f"CIFAR-10 at {root}"
     n, rows = plan.run_steps, []
     try:

@@ -36,8 +36,7 @@ def probe(path, *, multipliers: Sequence[float] = (0.0, 0.1, 0.3, 1.0, 3.0), bat
           device: str = "cpu", warn=print) -> dict:
     from tools.runs import restore
     from train.losses import update_pseudo_labels
-    from train.meta import meta_targets
-    from train.meta import resolve_estimator
+    from train.meta import meta_targets, resolve_estimator
     from train.step import pseudo_label_step
 
     restored = restore(path, data_root=data_root, device=device, warn=warn)
