@@ -34,6 +34,15 @@ def train_cmd(out, steps) -> list[str]:
     return ["-m", "train", "digits", "--out", str(out), "--set", f"train.steps={steps}", *SETTINGS]
 
 
+def wait_until_step(proc, out, step: int, timeout_s: float = 300) -> None:
+    """Wait until the run in `out` has logged `step`, failing with its output if it died first."""
+    deadline = time.monotonic() + timeout_s
+    while not any(r["step"] >= step for r in read_metrics(out, "train")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+
+
 def assert_ranks_agree_and_experiment_unchanged(out, steps, world_size):
     final = json.loads((out / "final.json").read_text())
     assert final["world_size"] == world_size and final["steps"] == steps
@@ -62,11 +71,7 @@ def test_torchrun_two_processes_survive_a_killed_worker_and_end_with_equal_weigh
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not any(r["step"] >= 10 for r in read_metrics(out, "train")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.01)
+        wait_until_step(proc, out, 10)
         worker = json.loads((out / "runs.jsonl").read_text().splitlines()[0])["pid"]
         os.kill(worker, signal.SIGKILL)  # rank 0 dies; torchrun restarts both workers
         log, _ = proc.communicate(timeout=300)
@@ -89,7 +94,7 @@ def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_the_resume_is_bit_ide
 
     def launch(out, total, *extra):
         return torchrun("--nproc_per_node=2", f"--master-port={free_port()}",
-                        *train_cmd(out, total), "train.device=cpu", *extra)
+                        *train_cmd(out, total), *extra)
 
     # Asked for far more steps so that it is certainly running when stopped; resumed with the real total.
     proc = subprocess.Popen(launch(stopped, 100000), cwd=tmp_path, env=subprocess_env, stdout=subprocess.PIPE,
@@ -97,11 +102,7 @@ def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_the_resume_is_bit_ide
     reference = subprocess.Popen(launch(straight, steps), cwd=tmp_path, env=subprocess_env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not any(r["step"] >= 10 for r in read_metrics(stopped, "train")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.01)
+        wait_until_step(proc, stopped, 10)
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=120)
     finally:

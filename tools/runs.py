@@ -150,10 +150,10 @@ def normalized_config(tree: dict) -> dict:
     an older run and a new one of the same experiment compare equal. A config today's code cannot
     read is compared as it was saved."""
     from train.config import Config, from_dict, to_dict
-    from train.rundir import _with_resolved_estimator
+    from train.rundir import with_resolved_estimator
 
     try:
-        return flatten(_with_resolved_estimator(to_dict(from_dict(Config, tree))))
+        return flatten(with_resolved_estimator(to_dict(from_dict(Config, tree))))
     except (KeyError, ValueError, TypeError):
         return flatten(tree)
 

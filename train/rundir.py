@@ -125,7 +125,7 @@ def run_estimator(cfg: Config) -> str:
     return resolve_estimator(cfg.method.estimator, cfg.train.precision != "fp32")
 
 
-def _with_resolved_estimator(config: dict) -> dict:
+def with_resolved_estimator(config: dict) -> dict:
     """A config dict whose method.estimator names what runs, so that `auto` and the estimator it
     resolves to count as the same setting on resume."""
     method, train = config.get("method", {}), config.get("train", {})
@@ -134,7 +134,7 @@ def _with_resolved_estimator(config: dict) -> dict:
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
-    changes = [c for c in config_diff(_with_resolved_estimator(saved), _with_resolved_estimator(to_dict(cfg)))
+    changes = [c for c in config_diff(with_resolved_estimator(saved), with_resolved_estimator(to_dict(cfg)))
                if not c.startswith(RESUMABLE_CHANGES)]
     if changes:
         raise ValueError("the config differs from the one the run was started with:\n  " + "\n  ".join(changes) +
