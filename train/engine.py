@@ -18,7 +18,7 @@ from train import distributed as D
 from train import rundir
 from train.config import Config, OptimConfig, to_dict
 from train.evaluate import error_counts, errors_from_counts
-from train.metrics import LogWindow, MetricsLog, Progress, read_window, summarize_evals
+from train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from train.schedule import RunPlan, consistency_weight, learning_rate, plan
 from train.step import SeparateForwards, autocast_for, train_step
 
@@ -238,7 +238,7 @@ def one_step(t: Training, lr: float, weight: float) -> dict:
 
 
 def log_window(t: Training, done: int, lr: float, weight: float, progress: Progress) -> None:
-    all_finite, values = read_window(t.finite, t.window.sums, t.window.seen)  # the one host-device sync
+    all_finite, values = t.window.read(t.finite)  # the one host-device sync
     stop_if_not_finite(t, done, all_finite)
     pairs_per_s = t.window.steps_per_s() * t.cfg.data.batch_size
     values.update(lr=lr, consistency_weight=weight, pairs_per_s=pairs_per_s, images_per_s=2 * pairs_per_s,

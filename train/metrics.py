@@ -151,6 +151,10 @@ class LogWindow:
         self.count += 1
         self.timed += 1
 
+    def read(self, finite: "torch.Tensor") -> tuple[bool, dict]:
+        """Whether every loss was finite and the mean of each statistic, in one host-device copy."""
+        return read_window(finite, self.sums, self.seen)
+
     def steps_per_s(self) -> float:
         return self.timed / max(time.perf_counter() - self.tick, 1e-9)
 
