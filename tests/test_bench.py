@@ -32,6 +32,15 @@ def test_bench_runs_end_to_end_and_reports_json(repo_root, subprocess_env):
     assert s["peak_memory_mb"]["process"] > 0
     assert s["fidelity_cosine"]["fd"] > 0.999 and s["fidelity_cosine"]["jvp"] > 0.9999
     assert s["fidelity_cosine_meta"] == s["fidelity_cosine"]["fd"]
+    assert (s["estimator_setting"], s["estimator"], s["meta_precision"]) == ("auto", "fd", "run")  # fp32: auto is fd
+
+
+def test_bench_resolves_its_estimator_as_training_does():
+    from tools.bench import parse_args
+
+    assert [parse_args(["--device", "cpu", "--precision", p]).estimator for p in ("fp32", "bf16", "fp16")] == \
+        ["fd", "jvp", "jvp"]
+    assert parse_args(["--device", "cpu", "--precision", "bf16", "--estimator", "fd"]).estimator == "fd"
 
 
 def test_foreach_perturbed_sets_equal_the_per_parameter_reference():

@@ -119,6 +119,7 @@ def test_an_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("override, fragment", [("train.steps=abc", "expected int"),
                                                 ("train.precision=fp8", "choose one of"),
+                                                ("method.meta_precision=bf16", "choose one of"),
                                                 ("method.unlabeled=false", "method.meta=false"),
                                                 ("optim=3", "expected a mapping")])
 def test_bad_values_are_errors_that_say_what_is_allowed(override, fragment):

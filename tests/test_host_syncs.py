@@ -61,10 +61,12 @@ def test_training_steps_make_no_host_sync(row, estimator, meta_mode):
     assert all(torch.isfinite(v) for s in stats for v in s.values())
 
 
-def test_mixed_precision_step_makes_no_host_sync():
-    run_steps(MethodConfig(), torch.device("cpu"), steps=1, precision="bf16")
+@pytest.mark.parametrize("meta_precision", ["run", "fp32"])
+def test_mixed_precision_step_makes_no_host_sync(meta_precision):
+    method = MethodConfig(meta_precision=meta_precision)
+    run_steps(method, torch.device("cpu"), steps=1, precision="bf16")
     counting = count_host_syncs()
-    run_steps(MethodConfig(), torch.device("cpu"), steps=2, precision="bf16", around=counting)
+    run_steps(method, torch.device("cpu"), steps=2, precision="bf16", around=counting)
     assert dict(counting.counts) == {}
 
 

@@ -125,6 +125,24 @@ def test_auto_is_jvp_under_autocast_and_fd_in_fp32():
         assert torch.equal(meta_targets(net, *batch).jg, meta_targets(net, *batch, estimator="jvp").jg)
 
 
+@pytest.mark.parametrize("meta_mode", ["eval", "train"])
+@pytest.mark.parametrize("estimator", ["auto", "fd"])
+def test_fp32_meta_part_under_autocast_is_the_fp32_computation(meta_mode, estimator, backend_switches):
+    """method.meta_precision=fp32: g and the passes over x_u run as in an fp32 run without TF32
+    (bit for bit on the CPU), and only in fp32; the estimator resolves as under autocast."""
+    torch.manual_seed(0)
+    net = bn_net().train(meta_mode == "train")
+    batch = small_batch()
+    resolved = "jvp" if estimator == "auto" else estimator
+    bf16_batch = [t.bfloat16() if t.is_floating_point() else t for t in batch]  # as a bf16 loader may give it
+    with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as seen:
+        full = meta_targets(net, *bf16_batch, estimator=estimator, full_precision=True)
+        assert torch.is_autocast_enabled("cpu") and torch.backends.cudnn.allow_tf32  # both put back
+    assert set(seen.dtypes) == {torch.float32}
+    plain = meta_targets(net, *(t.float() if t.is_floating_point() else t for t in bf16_batch), estimator=resolved)
+    assert torch.equal(full.jg, plain.jg) and torch.equal(full.pseudo_labels, plain.pseudo_labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # jvp where BatchNorm keeps its statistics in fp32 (CUDA)
 
@@ -191,3 +209,9 @@ def test_resnet18_under_bf16_is_bounded_by_its_rounded_weights():
     weights, can reach 0.999 there (docs/PERF.md, "Fidelity")."""
     result = measure("resnet18", "bf16", 4, 32, 10, rows=("floor", "jvp"))
     assert result["rows"]["floor"]["cosine"] < 0.999
+
+
+def test_resnet18_meets_the_bound_with_the_meta_part_in_fp32():
+    """Where bf16 cannot (above), method.meta_precision=fp32 can: jvp on fp32 weights, g included."""
+    result = measure("resnet18", "bf16", 2, 64, 1000, rows=("jvp", "jvp-fp32"))
+    assert result["rows"]["jvp"]["cosine"] < 0.999 <= result["rows"]["jvp-fp32"]["cosine"]

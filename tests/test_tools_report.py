@@ -286,3 +286,41 @@ def test_each_table_names_the_error_it_shows_and_the_readme_agrees(tmp_path, rep
     assert "`test_error` (the last evaluation)" in readme and "`median_last_test_error` (the median" in readme
     table4 = readme[readme.index("## Results on digits"):readme.index("| Table 4 row")]
     assert "`test_error` of final.json, the last evaluation" in table4 and "median" not in table4
+
+
+def test_overtaking_finds_the_first_step_below_and_the_step_from_which_it_stays_below():
+    from tools.report import overtaking
+
+    def rows(errors, steps=(100, 200, 300, 400, 500)):
+        return [{"step": s, "top1_error": e} for s, e in zip(steps, errors)]
+
+    baseline = [rows([0.8, 0.6, 0.5, 0.5, 0.5]), rows([0.8, 0.6, 0.5, 0.5, 0.5])]
+    # mean over two seeds: 0.85, 0.55 (below), 0.55, 0.45 (below), 0.4 (below)
+    seeds = [rows([0.9, 0.5, 0.5, 0.4, 0.4]), rows([0.8, 0.6, 0.6, 0.5, 0.4])]
+    o = overtaking("meta + mixup", baseline, seeds)
+    assert (o.first_below, o.below_from, o.last_step, o.compared) == (200, 400, 500, 5)
+    never = overtaking("x", baseline, [rows([0.9] * 5)])
+    assert (never.first_below, never.below_from) == (None, None)
+    # only the steps every seed of both rows evaluated are compared
+    short = overtaking("x", baseline, [rows([0.4, 0.4], steps=(100, 300)), rows([0.4, 0.4, 0.4])])
+    assert (short.first_below, short.below_from, short.compared) == (100, 100, 2)
+
+
+def test_the_report_says_where_each_row_passes_labeled_only(report):
+    from tools.report import mean_errors
+
+    ((title, found),) = report.overtaking
+    (table,) = [t for t in report.tables if t.title == title]
+    members = {(u, m, x): runs for u, m, x, _, runs in table.rows}
+    assert sorted(o.method for o in found) == sorted(runs[0].method for v, runs in members.items() if v[0])
+    base = mean_errors([r.evals for r in members[(False, False, False)]])
+    for o in found:
+        (runs,) = [rs for v, rs in members.items() if v[0] and rs[0].method == o.method]
+        curve = mean_errors([r.evals for r in runs])
+        if o.first_below is not None:
+            assert curve[o.first_below] < base[o.first_below]
+            assert all(curve[s] >= base[s] for s in base if s < o.first_below and s in curve)
+        if o.below_from is not None:
+            assert all(curve[s] < base[s] for s in base if s >= o.below_from and s in curve)
+    text = report.path.read_text()
+    assert "Where each row passes labeled-only" in section(text, "## Ablation")

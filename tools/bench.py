@@ -7,7 +7,11 @@ device (this measures the step, not the data pipeline):
 
 - supervised: the labeled-only baseline (CE on the labeled batch), the unit of the ratio;
 - mixup: consistency + cross-domain mixup, no meta-gradient;
-- meta+mixup fd / meta+mixup jvp: Algorithm 2 with either estimator of J·g.
+- meta+mixup fd / meta+mixup jvp: Algorithm 2 with either estimator of J·g (with
+  `--meta-precision fp32`, both with the whole meta part in fp32, as `method.meta_precision=fp32`).
+
+`--estimator` (default `auto`, resolved as training resolves `method.estimator`: jvp under
+bf16/fp16, fd in fp32) picks the meta row that `pairs_per_s` and `ratio` report.
 
 The variants are interleaved round by round (the order rotates) so that a noisy, shared machine
 slows them alike; each reports the median over its steps. On the GPU each step is timed with CUDA
@@ -40,7 +44,7 @@ from train.backends import BackendFlags
 from train.compiling import COMPILE_MODES, compiled
 from train.config import MethodConfig, OptimConfig
 from train.engine import build_optimizer, git_commit
-from train.meta import pseudo_label_grad
+from train.meta import pseudo_label_grad, resolve_estimator
 from train.step import SeparateForwards, autocast_for, train_step
 
 # name -> (classes, channels, image side): the data sets each network is trained on in the paper.
@@ -66,9 +70,9 @@ class Variant:
     method: MethodConfig
 
 
-def variants(estimator: str) -> list[Variant]:
-    """The timed rows; the meta+mixup row of `estimator` comes first among the meta rows."""
-    meta = [Variant(f"meta+mixup {e}", MethodConfig(meta=True, mixup=True, estimator=e))
+def variants(estimator: str, meta_precision: str = "run") -> list[Variant]:
+    """The timed rows; the meta+mixup row of `estimator` (fd or jvp) comes first among the meta rows."""
+    meta = [Variant(f"meta+mixup {e}", MethodConfig(meta=True, mixup=True, estimator=e, meta_precision=meta_precision))
             for e in sorted(("fd", "jvp"), key=lambda e: e != estimator)]
     return [Variant("supervised", MethodConfig(unlabeled=False, meta=False, mixup=False)),
             Variant("mixup", MethodConfig(meta=False, mixup=True))] + meta
@@ -86,8 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (with --compile, compilation)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--estimator", default="fd", choices=("fd", "jvp"),
-                   help="which meta+mixup row gives pairs_per_s and ratio (both are timed)")
+    p.add_argument("--estimator", default="auto", choices=("auto", "fd", "jvp"),
+                   help="which meta+mixup row gives pairs_per_s and ratio (both are timed; auto: as "
+                        "method.estimator=auto resolves at --precision)")
+    p.add_argument("--meta-precision", default="run", choices=("run", "fp32"),
+                   help="as method.meta_precision: fp32 runs g and the meta passes in fp32 without TF32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on for cuda, off for cpu)")
     p.add_argument("--fd-batched", action="store_true",
@@ -117,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size must be at least 2, --steps at least 1 and --warmup at least 0")
     if args.channels_last is None:
         args.channels_last = args.device == "cuda"
+    args.estimator_setting = args.estimator
+    args.estimator = resolve_estimator(args.estimator, low_precision=args.precision != "fp32")
     return args
 
 
@@ -214,7 +223,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
-def fidelity(net: nn.Module, batch, precision: str, device: torch.device, meta_mode: str) -> dict[str, float]:
+def fidelity(net: nn.Module, batch, precision: str, device: torch.device, meta_mode: str,
+             meta_precision: str = "run") -> dict[str, float]:
     """Cosine of ∇ỹ at `precision` to a float64 reference (jvp, exact to rounding: DESIGN §1.3)."""
     x_l, y_l, x_u = batch
     model = copy.deepcopy(net).train(meta_mode == "train")
@@ -233,7 +243,8 @@ def fidelity(net: nn.Module, batch, precision: str, device: torch.device, meta_m
     for method in ("fd", "jvp"):
         def grad():
             with autocast_for(device, precision):
-                return pseudo_label_grad(model, x_l, y_l, x_u, lr=0.1, method=method)
+                return pseudo_label_grad(model, x_l, y_l, x_u, lr=0.1, method=method,
+                                         full_precision=meta_precision == "fp32")
         out[method] = cosine(replayed(grad), reference)
     return out
 
@@ -264,7 +275,8 @@ def summary(args, device, times, flops, peak, peak_source, memory, fid) -> dict:
     return {
         "model": args.model, "device": args.device, "device_name": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "precision": args.precision, "estimator": args.estimator, "batch_size": args.batch_size,
+        "precision": args.precision, "estimator": args.estimator, "estimator_setting": args.estimator_setting,
+        "meta_precision": args.meta_precision, "batch_size": args.batch_size,
         "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "fd_batched": args.fd_batched, "channels_last": args.channels_last,
         "image_size": args.image_size, "torch": torch.__version__, "commit": git_commit(length=12),
         "median_ms": median,
@@ -289,6 +301,8 @@ def print_table(s: dict) -> None:
     print(f"{s['model']} on {s['device_name']} ({s['device']}), {s['precision']}, batch {s['batch_size']}+"
           f"{s['batch_size']}, {s['steps']} steps per variant, compile={s['compile']}, "
           f"channels_last={s['channels_last']}, commit {s['commit']}")
+    print(f"estimator {s['estimator_setting']} -> {s['estimator']} (the row pairs_per_s and ratio report), "
+          f"meta part in {'fp32' if s['meta_precision'] == 'fp32' else 'the run precision'}")
     head = f"{'variant':<18}{'median ms':>11}{'pairs/s':>10}{'ratio':>7}{'GFLOP':>9}{'MFU':>8}"
     print(head)
     sup = s["median_ms"]["supervised"]
@@ -331,7 +345,7 @@ def main(argv=None) -> dict:
                        fd_batched=args.fd_batched, compile_meta=args.compile)
         return step
 
-    rows = variants(args.estimator)
+    rows = variants(args.estimator, args.meta_precision)
     steps = {v.name: step_of(v.method) for v in rows}
 
     run_rounds(steps, args.warmup, None, "warm-up")
@@ -352,7 +366,7 @@ def main(argv=None) -> dict:
     flops = {} if args.no_flops else {name: count_flops(step) for name, step in steps.items()}
     peak, peak_source = assumed_peak(args, device)
     fid_batch = synthetic_batch(classes, channels, side, args.fidelity_batch, device, args.channels_last, gen)
-    fid = fidelity(net, fid_batch, args.precision, device, rows[-1].method.meta_mode)
+    fid = fidelity(net, fid_batch, args.precision, device, rows[-1].method.meta_mode, args.meta_precision)
 
     s = summary(args, device, times, flops, peak, peak_source, memory, fid)
     s["backend_flags"] = flags

@@ -9,9 +9,9 @@ Prints one table and writes it to OUT/gpu_check.md (with OUT/gpu_check.json):
 2. host syncs per training step of every Table-4 row, under torch.cuda.set_sync_debug_mode("warn");
 3. fidelity of ∇ỹ under bf16 and fp16 (cosine to float64) for the three paper networks, and
    tools.fidelity's own report where that module exists;
-4. tools.bench: Conv-Large 128+128 bf16 channels_last eager, ResNet-18 at 224 px, and Conv-Large
-   with train.compile=reduce-overhead (CUDA graphs), with steps/s, ratio to supervised, MFU and
-   peak memory against the goals;
+4. tools.bench: Conv-Large 128+128 bf16 channels_last eager, ResNet-18 at 224 px (also with its
+   meta part in fp32, method.meta_precision=fp32), and Conv-Large with train.compile=reduce-overhead
+   (CUDA graphs), with steps/s, ratio to supervised, MFU and peak memory against the goals;
 5. a short real CIFAR-10 run (--cifar: a folder holding cifar-10-batches-py/) with its steps/s, and
    a deterministic run stopped half way and resumed, compared bit for bit with one that was not;
 6. one-process NCCL collectives (the calls a torchrun job makes).
@@ -437,6 +437,9 @@ def main(argv=None) -> list[Row]:
             goals=not plan.dry_run, summaries=summaries)),
         ("bench resnet18", 60, lambda t: bench_rows(f"ResNet-18 {plan.resnet_size}px", resnet, plan, t, False,
                                                     summaries)),
+        ("bench resnet18 fp32 meta", 60, lambda t: bench_rows(
+            f"ResNet-18 {plan.resnet_size}px, method.meta_precision=fp32", resnet + ["--meta-precision", "fp32"],
+            plan, t, False, summaries)),
         ("collectives", 10, lambda t: check_collectives(plan)),
         ("real run", 90, lambda t: check_real_run(plan, cifar, work, t)),
         ("CUDA tests", 150, lambda t: check_cuda_tests(plan, t)),

@@ -4,7 +4,8 @@ A markdown report (DIR/report.md) with PNG figures, made from finished run folde
 accuracy curves of every variant, mean and spread over its seeds (the paper's Figure 1), the error
 against the number of labels where runs differ in it (Figure 2), and the meta x mixup ablation table
 (Table 4) where the runs form one, with the meta term on against off compared seed by seed (paired
-differences, their 95% interval, a paired t-test and a verdict).
+differences, their 95% interval, a paired t-test and a verdict) and the step at which each row
+passes the labeled-only baseline.
 Each argument is a run folder or a folder searched for run folders below it."""
 import argparse
 import statistics
@@ -13,6 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from tools.stats import PairedT, paired_t
 from tools.runs import TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
@@ -63,6 +65,7 @@ class Report:
     labels_panels: list = field(default_factory=list)
     curve_variants: list = field(default_factory=list)  # Figure 1's lines: [(label, [Run])]
     paired: list = field(default_factory=list)  # [(table title, [Paired])]: meta on vs off, seed by seed
+    overtaking: list = field(default_factory=list)  # [(table title, [Overtaking])]: rows against labeled-only
 
 
 def metric_of(run: Run, metric: str):
@@ -228,6 +231,56 @@ def paired_markdown(comparisons: list[Paired]) -> list[str]:
     return md
 
 
+@dataclass
+class Overtaking:
+    """Where one row's mean test error (over its seeds) goes below labeled-only's, in one experiment."""
+    method: str
+    first_below: Optional[int]  # the first evaluated step at which it is below
+    below_from: Optional[int]  # the step from which it is below at every later evaluation
+    last_step: Optional[int]  # the last step both evaluated
+    compared: int  # evaluations compared: the steps that every seed of both evaluated
+
+
+def mean_errors(seeds: list[list[dict]]) -> dict[int, float]:
+    """step -> mean top-1 test error over the seeds, at the steps every seed evaluated."""
+    by_seed = [{r["step"]: r["top1_error"] for r in rows if "top1_error" in r} for rows in seeds]
+    steps = set.intersection(*(set(d) for d in by_seed)) if by_seed else set()
+    return {step: statistics.fmean(d[step] for d in by_seed) for step in sorted(steps)}
+
+
+def overtaking(method: str, baseline: list[list[dict]], seeds: list[list[dict]]) -> Overtaking:
+    """Where the mean curve of `seeds` passes the baseline's (both: evaluation rows per seed)."""
+    base, curve = mean_errors(baseline), mean_errors(seeds)
+    steps = sorted(set(base) & set(curve))
+    below = [curve[s] < base[s] for s in steps]
+    first = next((s for s, b in zip(steps, below) if b), None)
+    since = None
+    for s, b in zip(reversed(steps), reversed(below)):
+        if not b:
+            break
+        since = s
+    return Overtaking(method, first, since, steps[-1] if steps else None, len(steps))
+
+
+def overtaking_table(table: AblationTable) -> list[Overtaking]:
+    """Each semi-supervised row of one Table 4 against its labeled-only row, where it has one."""
+    by_variant = {(unlabeled, meta, mixup): members for unlabeled, meta, mixup, _, members in table.rows}
+    baseline = by_variant.get((False, False, False))
+    if not baseline:
+        return []
+    return [overtaking(members[0].method, [r.evals for r in baseline], [r.evals for r in members])
+            for variant, members in by_variant.items() if variant[0]]
+
+
+def overtaking_markdown(found: list[Overtaking]) -> list[str]:
+    rows = [[o.method, o.first_below if o.first_below is not None else "never",
+             o.below_from if o.below_from is not None else "–", o.last_step, o.compared] for o in found]
+    return ["Where each row passes labeled-only: the mean test error over seeds, compared at each step "
+            "that every run of both rows evaluated.", "",
+            _md_table(["Row", "First below labeled-only at step", "Below at every evaluation from step",
+                       "Last step compared", "Evaluations compared"], rows), ""]
+
+
 def labels_panels(runs: list[Run], metric: str) -> list[tuple[str, dict]]:
     """Figure 2's panels: experiments (all but the label count and the method equal) that were
     trained with at least two label counts; (title, {method: [(labels, Cell)]}) each."""
@@ -331,6 +384,10 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
         if comparisons:
             report.paired.append((table.title, comparisons))
             md += paired_markdown(comparisons)
+        passing = overtaking_table(table)
+        if passing:
+            report.overtaking.append((table.title, passing))
+            md += overtaking_markdown(passing)
     if not report.tables:
         md += ["Not formed: no experiment was trained with two or more of the meta x mixup variants. "
                "Train them with `--set method.meta=false`, "

@@ -29,6 +29,9 @@ class MethodConfig:
     estimator: str = "auto"  # how J·g is computed: auto (jvp under bf16/fp16, fd in fp32) | fd | jvp | exact
     eps: float = 0.01  # fd: the parameters move by eps in L2 norm (ε = eps / ||g||)
     fd_full_precision: bool = True  # fd passes in fp32 without TF32 even under autocast (DESIGN §2)
+    # "run": the meta part in the run's precision (under bf16/fp16 jvp in it, fd's passes per
+    # fd_full_precision); "fp32": all of it, g included, in fp32 without TF32 (docs/PERF.md "Fidelity")
+    meta_precision: str = "run"
     fd_midpoint: bool = False  # fd: take ỹ as (p(θ+εg) + p(θ-εg))/2, one forward fewer, O(ε²) off p(θ)
     meta_mode: str = "eval"  # the mode of the meta part: "eval" (the authors' code) or "train"
     meta_scale: str = "authors"  # ŷ = ỹ - lr·2·J·g ("authors") or ŷ = ỹ - β·∇ỹ of Eq. 5 ("literal")
@@ -41,6 +44,7 @@ class MethodConfig:
     def __post_init__(self):
         _choice("method.estimator", self.estimator, ESTIMATORS)
         _choice("method.meta_mode", self.meta_mode, ("eval", "train"))
+        _choice("method.meta_precision", self.meta_precision, ("run", "fp32"))
         _choice("method.meta_scale", self.meta_scale, ("authors", "literal"))
         if not self.unlabeled and (self.meta or self.mixup):
             raise ValueError("method.unlabeled=false is the labeled-only baseline: also set method.meta=false "

@@ -12,6 +12,10 @@ a Jacobian-vector product (DESIGN §1.3). Three estimators of J·g:
 - ``jvp``: forward-mode AD, which returns p(θ) and J·g from one pass.
 - ``auto`` (the default): ``jvp`` under bf16/fp16 autocast, ``fd`` otherwise (`resolve_estimator`).
 
+Under autocast the meta part runs in the low precision (fd's ±εg passes in fp32 unless told
+otherwise); `full_precision=True` runs all of it, g included, in fp32 without TF32 instead: the
+fidelity some networks need (ResNet-18, docs/PERF.md "Fidelity") at the fp32 rate.
+
 Every estimator leaves the model's parameters and buffers bit for bit as it found them: parameters
 are never written (perturbed copies come from out-of-place foreach ops), and BatchNorm layers stop
 tracking running statistics for the duration of the call (in train mode they still normalise with
@@ -327,6 +331,7 @@ def meta_targets(
     fd_midpoint: bool = False,
     fd_batched: bool = False,
     compiled: Union[bool, str] = False,
+    full_precision: bool = False,
 ) -> MetaTargets:
     """ỹ = p(x_u; θ) and J_θ p(x_u; θ)·g, the two things one meta step needs.
 
@@ -335,10 +340,17 @@ def meta_targets(
 
     fd_batched: fd's eval-mode passes as one vmapped call (`batched_probs`); train mode ignores it.
     compiled: run the labeled forward, the fd passes or the jvp pass through torch.compile (a
-    train.compile mode, or True for the default one)."""
+    train.compile mode, or True for the default one).
+    full_precision: the whole meta part (g and the passes over x_u) in fp32 without TF32, even under
+    autocast; `auto` still resolves as the run's precision says (jvp under autocast)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     estimator = resolve_estimator(estimator, _autocast_dtype(x_u.device) is not None)
+    if full_precision:
+        with _full_precision(x_u.device):
+            return meta_targets(model, fp32_or_wider(x_l), y_l, fp32_or_wider(x_u), estimator=estimator, eps=eps,
+                                reduce_grad=reduce_grad, fd_full_precision=fd_full_precision,
+                                fd_midpoint=fd_midpoint, fd_batched=fd_batched, compiled=compiled)
     names, params, buffers = _state(model)
     with _frozen_batchnorm_stats(model):
         if estimator == "exact":

@@ -68,7 +68,7 @@ def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, l
                 out = meta_targets(meta_net, x_l, y_l, x_u, estimator=method.estimator, eps=method.eps,
                                    reduce_grad=reduce_grad, fd_full_precision=method.fd_full_precision,
                                    fd_midpoint=method.fd_midpoint, fd_batched=fd_batched,
-                                   compiled=compile_meta)
+                                   compiled=compile_meta, full_precision=method.meta_precision == "fp32")
                 y_tilde = out.pseudo_labels
                 y_hat = update_pseudo_labels(y_tilde, pseudo_label_step(out.jg, lr, method, x_u.shape[0] * world_size))
                 stats = {"pseudo_label_shift": (y_hat - y_tilde).abs().sum(dim=1).mean(),
