@@ -215,3 +215,58 @@ def test_resnet18_meets_the_bound_with_the_meta_part_in_fp32():
     """Where bf16 cannot (above), method.meta_precision=fp32 can: jvp on fp32 weights, g included."""
     result = measure("resnet18", "bf16", 2, 64, 1000, rows=("jvp", "jvp-fp32"))
     assert result["rows"]["jvp"]["cosine"] < 0.999 <= result["rows"]["jvp-fp32"]["cosine"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tools.fidelity's inputs: CIFAR-10 images and trained weights
+
+
+def test_fidelity_on_cifar10_images_takes_real_images_and_their_labels(tmp_path):
+    from fake_datasets import write_cifar10
+    from pipelines.sources import load_cifar10_arrays
+    from tools.fidelity import cifar10_batches
+
+    write_cifar10(tmp_path)
+    x_l, y_l, x_u = cifar10_batches(str(tmp_path), 3, 48, 10, torch.Generator().manual_seed(0))
+    assert x_l.shape == x_u.shape == (3, 3, 48, 48) and x_l.dtype == torch.float32
+    both = torch.cat([x_l, x_u])
+    assert both.mean((0, 2, 3)).abs().max() < 1e-5 and (both.std((0, 2, 3)) - 1).abs().max() < 1e-5
+    # at 32 px each labeled image is its training image, affinely normalised per channel, with its label
+    data = load_cifar10_arrays(str(tmp_path))
+    x_l, y_l, _ = cifar10_batches(str(tmp_path), 3, 32, 10, torch.Generator().manual_seed(0))
+    train = torch.from_numpy(data.train_images).permute(0, 3, 1, 2).double()
+
+    def channel_correlation(a, b):
+        a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+        return (F.cosine_similarity(a, b, dim=1)).min()
+
+    for image, label in zip(x_l.double(), y_l):
+        scores = torch.stack([channel_correlation(image, t) for t in train])
+        assert scores.max() > 1 - 1e-6
+        assert int(data.train_labels[int(scores.argmax())]) == int(label)
+    result = measure("convlarge", "bf16", 2, 32, 10, rows=("jvp",), cifar10=str(tmp_path))
+    assert result["images"] == "cifar10" and result["rows"]["auto"]["cosine"] > 0.99
+    with pytest.raises(SystemExit, match="--cifar10: data.root="):
+        cifar10_batches(str(tmp_path / "absent"), 2, 32, 10, torch.Generator())
+
+
+def test_fidelity_of_a_trained_network_keeps_its_weights_and_statistics(tmp_path):
+    from model import build_model
+    from tools.fidelity import calibrated_network
+    from train import checkpoint as ckpt
+
+    torch.manual_seed(3)
+    trained = build_model("digits_cnn", 10, 3)
+    trained.train()
+    with torch.no_grad():
+        trained(torch.randn(8, 3, 8, 8) * 3 + 1)  # running statistics a calibration would not give
+    ckpt.save_atomic({"model": trained.state_dict()}, tmp_path / "last.pt")
+    batches = (torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
+    net = calibrated_network("digits_cnn", 10, batches, "eval", seed=0, weights=str(tmp_path / "last.pt"))
+    assert not net.training
+    for (name, a), b in zip(net.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(SystemExit, match="is not a digits_cnn with 5 classes"):
+        calibrated_network("digits_cnn", 5, batches, "eval", seed=0, weights=str(tmp_path / "last.pt"))
+    with pytest.raises(SystemExit, match="--weights: "):
+        calibrated_network("digits_cnn", 10, batches, "eval", seed=0, weights=str(tmp_path / "none.pt"))
