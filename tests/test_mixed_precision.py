@@ -266,6 +266,14 @@ def test_fidelity_of_a_trained_network_keeps_its_weights_and_statistics(tmp_path
     assert not net.training
     for (name, a), b in zip(net.state_dict().items(), trained.state_dict().values()):
         assert torch.equal(a, b), name
+    recalibrated = calibrated_network("digits_cnn", 10, batches, "eval", seed=0, weights=str(tmp_path / "last.pt"),
+                                      calibrate=True)
+    weights = {name for name, _ in trained.named_parameters()}
+    for name, value in recalibrated.state_dict().items():
+        if name in weights:
+            assert torch.equal(value, trained.state_dict()[name]), name
+        elif name.endswith("running_mean"):  # the statistics of `batches`, not of training
+            assert not torch.equal(value, trained.state_dict()[name]), name
     with pytest.raises(SystemExit, match="is not a digits_cnn with 5 classes"):
         calibrated_network("digits_cnn", 5, batches, "eval", seed=0, weights=str(tmp_path / "last.pt"))
     with pytest.raises(SystemExit, match="--weights: "):

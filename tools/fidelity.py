@@ -88,15 +88,19 @@ def trained_weights(path: str) -> dict:
     return state["model"]
 
 
-def calibrated_network(name: str, classes: int, batches, mode: str, seed: int, weights: Optional[str] = None) -> nn.Module:
+def calibrated_network(name: str, classes: int, batches, mode: str, seed: int, weights: Optional[str] = None,
+                       calibrate: Optional[bool] = None) -> nn.Module:
+    """The network at its initialisation or at `weights`, its BatchNorm statistics set from `batches`
+    (by default only at initialisation: a trained network keeps the statistics it was trained with)."""
     torch.manual_seed(seed)
     net = build_model(name, classes, 3, channels_last=True)
-    if weights is not None:  # a trained network keeps the statistics it was trained with
+    if weights is not None:
         try:
             net.load_state_dict(trained_weights(weights))
         except RuntimeError as e:
             raise SystemExit(f"--weights {weights} is not a {name} with {classes} classes (set --network and "
                              f"--classes to the run's): {str(e).splitlines()[0]}") from None
+    if not (weights is None if calibrate is None else calibrate):
         return net.train(mode == "train")
     layers = [m for m in net.modules() if isinstance(m, _BatchNorm)]
     for m in layers:
@@ -116,7 +120,7 @@ ROWS = ("floor", "fd", "jvp", "jvp-fp32", "fd-fp32")
 
 def measure(network: str, precision: str, batch: int, size: int, classes: int, mode: str = "eval", seed: int = 0,
             lr: float = 0.1, rows: tuple[str, ...] = ROWS, cifar10: Optional[str] = None,
-            weights: Optional[str] = None) -> dict:
+            weights: Optional[str] = None, calibrate: Optional[bool] = None) -> dict:
     """Cosine of ∇ỹ to float64 for each of `rows` (and `auto`, which is one of them), on synthetic
     batches or, with `cifar10` (a data root), on CIFAR-10 images; at the network's initialisation or,
     with `weights`, at a trained network's weights and BatchNorm statistics."""
@@ -125,7 +129,7 @@ def measure(network: str, precision: str, batch: int, size: int, classes: int, m
     x_l, y_l, x_u = (cifar10_batches(cifar10, batch, size, classes, g) if cifar10
                      else synthetic_batches(batch, size, classes, g))
     x_l, x_u = (x.contiguous(memory_format=torch.channels_last) for x in (x_l, x_u))
-    net = calibrated_network(network, classes, (x_l, x_u), mode, seed, weights)
+    net = calibrated_network(network, classes, (x_l, x_u), mode, seed, weights, calibrate)
     rng = torch.get_rng_state()
 
     def grad(model, dtype, estimator, autocast, full_precision=False):
@@ -158,7 +162,8 @@ def measure(network: str, precision: str, batch: int, size: int, classes: int, m
     rows["auto"] = {**rows[resolved], "resolves_to": resolved}
     return {"network": network, "precision": precision, "batch": batch, "size": size, "classes": classes,
             "images": "cifar10" if cifar10 else "synthetic",
-            "weights": weights or "initialisation", "mode": mode, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
+            "weights": weights or "initialisation", "calibrated": weights is None if calibrate is None else calibrate,
+            "mode": mode, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
             "torch": torch.__version__}
 
 
@@ -174,6 +179,9 @@ def parse_args(argv=None):
                    "instead of synthetic noise")
     p.add_argument("--weights", metavar="CHECKPOINT", help="a trained network: a checkpoint of `python -m train` "
                    "or its run folder (default: the network at its initialisation)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="set BatchNorm's running statistics from the two batches (default: only at initialisation; "
+                        "with --weights at another resolution than the run's, its statistics no longer fit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
@@ -186,7 +194,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     batch, size, classes = PAPER[args.network]
     result = measure(args.network, args.precision, args.batch or batch, args.size or size, args.classes or classes,
-                     args.mode, args.seed, cifar10=args.cifar10, weights=args.weights)
+                     args.mode, args.seed, cifar10=args.cifar10, weights=args.weights, calibrate=args.calibrate)
     print(f"{result['network']} {result['batch']}+{result['batch']} {result['images']} images at {result['size']} px, "
           f"{result['classes']} classes, {result['precision']}, {result['mode']} mode, weights: {result['weights']}: "
           "cosine of ∇ỹ to float64")
