@@ -204,9 +204,9 @@ def test_auto_under_bf16_meets_the_fidelity_bound(network, batch, classes):
 
 
 def test_resnet18_under_bf16_is_bounded_by_its_rounded_weights():
-    """ResNet-18's ∇ỹ moves by more than the bound when only its convolution and linear weights are
-    rounded to bf16 (float64 arithmetic otherwise): no estimator under autocast, which runs on those
-    weights, can reach 0.999 there (docs/PERF.md, "Fidelity")."""
+    """At its initialisation, ResNet-18's ∇ỹ moves by more than the bound when only its convolution and
+    linear weights are rounded to bf16 (float64 arithmetic otherwise): no estimator under autocast,
+    which runs on those weights, can reach 0.999 there (docs/PERF.md, "Fidelity"; trained, it does)."""
     result = measure("resnet18", "bf16", 4, 32, 10, rows=("floor", "jvp"))
     assert result["rows"]["floor"]["cosine"] < 0.999
 

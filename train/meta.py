@@ -13,8 +13,8 @@ a Jacobian-vector product (DESIGN §1.3). Three estimators of J·g:
 - ``auto`` (the default): ``jvp`` under bf16/fp16 autocast, ``fd`` otherwise (`resolve_estimator`).
 
 Under autocast the meta part runs in the low precision (fd's ±εg passes in fp32 unless told
-otherwise); `full_precision=True` runs all of it, g included, in fp32 without TF32 instead: the
-fidelity some networks need (ResNet-18, docs/PERF.md "Fidelity") at the fp32 rate.
+otherwise); `full_precision=True` runs all of it, g included, in fp32 without TF32 instead, at the
+fp32 rate, for a ∇ỹ too rough for bf16 (ResNet-18 at its initialisation; docs/PERF.md "Fidelity").
 
 Every estimator leaves the model's parameters and buffers bit for bit as it found them: parameters
 are never written (perturbed copies come from out-of-place foreach ops), and BatchNorm layers stop
@@ -140,9 +140,10 @@ def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[
     Under autocast g is taken in the run's precision. Its error there does not come from BatchNorm
     (autocast keeps it in fp32) nor from the loss (reduced in fp32): it comes from the ReLU and
     max-pool switches, which the bf16 rounding of weights and activations flips wherever a unit sits
-    near its kink. Where ∇ỹ is dominated by the body of the network (ResNet-18) that error is of the
-    same size as rounding the weights alone, so only fp32 weights (an fp32 pass) would remove it
-    (docs/PERF.md, "Fidelity")."""
+    near its kink. Where ∇ỹ is dominated by the body of the network (ResNet-18 at its initialisation)
+    that error is of the same size as rounding the weights alone, so only fp32 weights (an fp32 pass,
+    `full_precision`) remove it; trained, the same network meets the bound in bf16 (docs/PERF.md,
+    "Fidelity")."""
     with torch.enable_grad():
         loss = _maybe_compiled(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
