@@ -124,7 +124,8 @@ def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
     final = finals(runs_root)
     text = section(report.path.read_text(), "## Ablation")
     assert "50 labels" in text and "100 labels" not in text  # 100 labels has only the full method
-    table, paired = markdown_tables(text)
+    table, paired, passing = markdown_tables(text)  # Table 4, meta on vs off, where rows pass labeled-only
+    assert passing[0][0] == "Row" and len(passing) == 1 + sum(1 for row in table[1:] if row[0] != "labeled-only")
     assert table[0] == ["No.", "Meta", "Mix-Up", "Final test error", "Seeds"]
     # Meta on minus off for the seed both rows have: seed 0 (full-s1 has no mixup-s1 to pair with).
     rows = {r[0]: r for r in paired[1:]}
