@@ -88,6 +88,11 @@ def trained_weights(path: str) -> dict:
     return state["model"]
 
 
+def calibrates(weights: Optional[str], calibrate: Optional[bool]) -> bool:
+    """Whether BatchNorm's statistics are set from the measured batches: by default only at initialisation."""
+    return weights is None if calibrate is None else calibrate
+
+
 def calibrated_network(name: str, classes: int, batches, mode: str, seed: int, weights: Optional[str] = None,
                        calibrate: Optional[bool] = None) -> nn.Module:
     """The network at its initialisation or at `weights`, its BatchNorm statistics set from `batches`
@@ -100,7 +105,7 @@ def calibrated_network(name: str, classes: int, batches, mode: str, seed: int, w
         except RuntimeError as e:
             raise SystemExit(f"--weights {weights} is not a {name} with {classes} classes (set --network and "
                              f"--classes to the run's): {str(e).splitlines()[0]}") from None
-    if not (weights is None if calibrate is None else calibrate):
+    if not calibrates(weights, calibrate):
         return net.train(mode == "train")
     layers = [m for m in net.modules() if isinstance(m, _BatchNorm)]
     for m in layers:
@@ -162,7 +167,7 @@ def measure(network: str, precision: str, batch: int, size: int, classes: int, m
     rows["auto"] = {**rows[resolved], "resolves_to": resolved}
     return {"network": network, "precision": precision, "batch": batch, "size": size, "classes": classes,
             "images": "cifar10" if cifar10 else "synthetic",
-            "weights": weights or "initialisation", "calibrated": weights is None if calibrate is None else calibrate,
+            "weights": weights or "initialisation", "calibrated": calibrates(weights, calibrate),
             "mode": mode, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
             "torch": torch.__version__}
 

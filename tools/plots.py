@@ -7,6 +7,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tools.runs import at_common_steps
+
 # Figure 3 of the paper: labeled, unlabeled and test points in red, blue and gray.
 SUBSET_COLOURS = {"labeled": "tab:red", "unlabeled": "tab:blue", "test": "tab:gray"}
 METHOD_ORDER = ("labeled-only", "consistency only", "mixup", "meta", "meta + mixup")
@@ -28,11 +30,10 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
 def mean_curve(seeds: list[list[dict]], key: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(steps, mean, min, max) of the test accuracy (%) over the seeds of one variant, at the steps
     that every seed evaluated; None if there are none."""
-    by_seed = [{r["step"]: 100.0 * (1.0 - r[key]) for r in rows if key in r} for rows in seeds]
-    steps = sorted(set.intersection(*(set(d) for d in by_seed))) if by_seed else []
+    steps, errors = at_common_steps(seeds, key)
     if not steps:
         return None
-    acc = np.array([[d[s] for s in steps] for d in by_seed])  # (seeds, steps)
+    acc = 100.0 * (1.0 - np.array(errors))  # (seeds, steps)
     return np.asarray(steps), acc.mean(axis=0), acc.min(axis=0), acc.max(axis=0)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from tools.stats import PairedT, paired_t
-from tools.runs import TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, differing_keys, experiment_key, select_runs
+from tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
+                        experiment_key, select_runs)
 
 # The errors of final.json a table can show: key -> (column heading, what it is). The default,
 # test_error, is the last evaluation, the number SSL papers report at the end of training.
@@ -243,9 +244,8 @@ class Overtaking:
 
 def mean_errors(seeds: list[list[dict]]) -> dict[int, float]:
     """step -> mean top-1 test error over the seeds, at the steps every seed evaluated."""
-    by_seed = [{r["step"]: r["top1_error"] for r in rows if "top1_error" in r} for rows in seeds]
-    steps = set.intersection(*(set(d) for d in by_seed)) if by_seed else set()
-    return {step: statistics.fmean(d[step] for d in by_seed) for step in sorted(steps)}
+    steps, errors = at_common_steps(seeds, "top1_error")
+    return {step: statistics.fmean(column) for step, column in zip(steps, zip(*errors))}
 
 
 def overtaking(method: str, baseline: list[list[dict]], seeds: list[list[dict]]) -> Overtaking:

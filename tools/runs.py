@@ -144,6 +144,14 @@ def read_evals(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def at_common_steps(seeds: list[list[dict]], key: str) -> tuple[list[int], list[list[float]]]:
+    """The steps at which every seed's evaluation rows hold `key`, and each seed's values there
+    (one list per seed, in step order)."""
+    by_seed = [{r["step"]: r[key] for r in rows if key in r} for rows in seeds]
+    steps = sorted(set.intersection(*(set(d) for d in by_seed))) if by_seed else []
+    return steps, [[d[s] for s in steps] for d in by_seed]
+
+
 def normalized_config(tree: dict) -> dict:
     """A saved config as today's code reads it, flattened: keys added since the run was made take
     their defaults, and method.estimator names the estimator that runs (`auto` resolved), so that
