@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def cifar10_root() -> Path:
+    """Real CIFAR-10 (cifar-10-batches-py/) at $MGSSL_CIFAR10 or at data/c10, where the README makes it;
+    the test is skipped when neither holds it."""
+    root = Path(os.environ.get("MGSSL_CIFAR10", REPO / "data" / "c10"))
+    if not (root / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip(f"real CIFAR-10 not at {root} (set MGSSL_CIFAR10 to a folder holding cifar-10-batches-py/)")
+    return root
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO
 

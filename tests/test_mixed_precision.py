@@ -217,6 +217,38 @@ def test_resnet18_meets_the_bound_with_the_meta_part_in_fp32():
     assert result["rows"]["jvp"]["cosine"] < 0.999 <= result["rows"]["jvp-fp32"]["cosine"]
 
 
+def test_resnet18_trained_on_cifar10_meets_the_bound_under_bf16(cifar10_root, tmp_path):
+    """What the two tests above leave open: the bf16 default on a trained ResNet-18. After 200
+    labeled-only SGD steps on real CIFAR-10 (loss still ~2.2) ∇ỹ on CIFAR-10 images is within the bound,
+    where the same network at its initialisation misses it by far (docs/PERF.md measures the same after
+    600 steps at 64 and 224 px)."""
+    from model import build_model
+    from pipelines.sources import load_cifar10_arrays
+    from train import checkpoint as ckpt
+
+    data = load_cifar10_arrays(str(cifar10_root))
+    images = torch.from_numpy(data.train_images[:5000]).permute(0, 3, 1, 2).float() / 255
+    images = (images - images.mean((0, 2, 3), keepdim=True)) / images.std((0, 2, 3), keepdim=True)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.from_numpy(data.train_labels[:5000]).long()
+    torch.manual_seed(0)
+    net = build_model("resnet18", 10, 3, channels_last=True).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    pick = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        i = torch.randint(0, len(labels), (32,), generator=pick)
+        loss = F.cross_entropy(net(images[i]), labels[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt.save_atomic({"model": net.state_dict()}, tmp_path / "last.pt")
+    at_init = measure("resnet18", "bf16", 8, 32, 10, rows=("jvp",), cifar10=str(cifar10_root))
+    trained = measure("resnet18", "bf16", 8, 32, 10, rows=("jvp",), cifar10=str(cifar10_root),
+                      weights=str(tmp_path / "last.pt"))
+    assert at_init["rows"]["auto"]["cosine"] < 0.99
+    assert trained["rows"]["auto"]["resolves_to"] == "jvp" and trained["rows"]["auto"]["cosine"] >= 0.999
+
+
 # ---------------------------------------------------------------------------------------------
 # tools.fidelity's inputs: CIFAR-10 images and trained weights
 
