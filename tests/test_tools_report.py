@@ -124,7 +124,8 @@ def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
     final = finals(runs_root)
     text = section(report.path.read_text(), "## Ablation")
     assert "50 labels" in text and "100 labels" not in text  # 100 labels has only the full method
-    table, paired, passing = markdown_tables(text)  # Table 4, meta on vs off, where rows pass labeled-only
+    # Table 4, meta on vs off, each row vs labeled-only, where rows pass labeled-only
+    table, paired, gains, passing = markdown_tables(text)
     assert passing[0][0] == "Row" and len(passing) == 1 + sum(1 for row in table[1:] if row[0] != "labeled-only")
     assert table[0] == ["No.", "Meta", "Mix-Up", "Final test error", "Seeds"]
     # Meta on minus off for the seed both rows have: seed 0 (full-s1 has no mixup-s1 to pair with).
@@ -133,6 +134,15 @@ def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
         difference = 100 * (final[f"labels50/{on}-s0"]["test_error"] - final[f"labels50/{off}-s0"]["test_error"])
         assert rows[label][1] == "1" and rows[label][2] == f"s0 {difference:+.2f}" and rows[label][4] == "–"
     assert "seed 1 is in one row only" in text and "not established" in text
+    # Each row minus labeled-only: rows 1-3 for seed 0, row 4 for seeds 0 and 1 (baseline-s1 pairs full-s1).
+    rows = {r[0]: r for r in gains[1:]}
+    assert list(rows) == [f"row {n} − labeled only" for n in (1, 2, 3, 4)]
+    for n, prefix in ((1, "plain"), (2, "meta"), (3, "mixup"), (4, "full")):
+        seeds = (0, 1) if n == 4 else (0,)
+        error = {s: final[f"labels50/{prefix}-s{s}"]["test_error"] for s in seeds}
+        differences = [100 * (error[s] - final[f"labels50/baseline-s{s}"]["test_error"]) for s in seeds]
+        assert rows[f"row {n} − labeled only"][1:3] == [
+            str(len(seeds)), ", ".join(f"s{s} {d:+.2f}" for s, d in zip(seeds, differences))]
     rows = {r[0]: r for r in table[1:]}
     assert list(rows) == ["labeled-only", "1", "2", "3", "4"]
     expected = {"labeled-only": ("baseline", "", ""), "1": ("plain", "", ""), "2": ("meta", "✓", ""),

@@ -38,7 +38,7 @@ def test_paired_t_with_one_pair_or_no_spread():
 
 def write_runs(root, errors):
     """Run folders <row>-s<seed> holding only final.json, as `python -m train` writes it."""
-    variants = {"none": (True, False, False), "meta": (True, True, False), "mixup": (True, False, True),
+    variants = {"labeled": (False, False, False), "none": (True, False, False), "meta": (True, True, False), "mixup": (True, False, True),
                 "both": (True, True, True)}
     for row, by_seed in errors.items():
         unlabeled, meta, mixup = variants[row]
@@ -82,3 +82,25 @@ def test_the_verdict_says_established_when_every_comparison_is(tmp_path):
     ((_, (only,)),) = report.paired
     assert only.established and only.better == 4
     assert "**Verdict: the meta term's gain is established** (p < 0.05 in the comparison)" in report.path.read_text()
+
+
+def test_the_report_compares_each_row_with_labeled_only_seed_by_seed(tmp_path):
+    # Row 4 minus labeled-only: the sleep differences with the sign turned (every seed better); row 3: +1, -1, 0.
+    labeled = {s: 0.50 for s in range(10)}
+    both = {s: 0.50 - d / 100 for s, d in enumerate(SLEEP_DIFFERENCES)}
+    mixup = {0: 0.51, 1: 0.49, 2: 0.50}
+    write_runs(tmp_path / "runs", {"labeled": labeled, "mixup": mixup, "both": both})
+    report = build_report([tmp_path / "runs"], tmp_path / "out", warn=lambda text: None)
+    ((_, (row3, row4)),) = report.gains
+    assert row3.label == "row 3 − labeled only" and row3.seeds == [0, 1, 2] and not row3.established
+    assert row3.test.mean == pytest.approx(0.0, abs=1e-12) and row3.better == 1
+    assert row4.seeds == list(range(10)) and row4.established and row4.better == 9  # seed 4's difference is 0
+    assert [-100 * d for d in row4.differences] == pytest.approx(SLEEP_DIFFERENCES)
+    assert row4.test.p == pytest.approx(0.002833, abs=1e-6)
+    text = report.path.read_text()
+    assert "Each semi-supervised row minus labeled-only, same seed" in text
+    assert "| row 4 − labeled only | 10 | s0 -1.20, s1 -2.40," in text
+    assert "[-2.46, -0.70] | 0.00283 | 9 of 10 (1 tie) |" in text
+    assert "row 4 − labeled only: established: the row lowers the error (1.58 points on average" in text
+    # the meta term's comparison (row 4 - row 3) keeps its own verdict, the gains add none of their own
+    assert text.count("**Verdict:") == 1

@@ -1,8 +1,8 @@
 """python -m tools.ablation CONFIG --seeds 0-2 [--rows labeled,none,meta,mixup,both] [--set k=v ...] --out DIR
 
 A Table-4 study as one command: every row x seed is its own run of `python -m train`, in the run
-folder DIR/<row>-s<seed>, then the report of tools.report (the table, the paired comparison of the
-meta term on and off, the curves) is written to DIR/report.md.
+folder DIR/<row>-s<seed>, then the report of tools.report (the table, the paired comparisons of the
+meta term on and off and of each row against labeled-only, the curves) is written to DIR/report.md.
 
 The rows are the labeled-only baseline and the paper's Table-4 rows 1-4 (tools/runs.py, TABLE4_ROWS):
   labeled  method.unlabeled=false method.meta=false method.mixup=false

@@ -4,8 +4,8 @@ A markdown report (DIR/report.md) with PNG figures, made from finished run folde
 accuracy curves of every variant, mean and spread over its seeds (the paper's Figure 1), the error
 against the number of labels where runs differ in it (Figure 2), and the meta x mixup ablation table
 (Table 4) where the runs form one, with the meta term on against off compared seed by seed (paired
-differences, their 95% interval, a paired t-test and a verdict) and the step at which each row
-passes the labeled-only baseline.
+differences, their 95% interval, a paired t-test and a verdict), each semi-supervised row against the
+labeled-only baseline in the same way, and the step at which each row passes the baseline.
 Each argument is a run folder or a folder searched for run folders below it."""
 import argparse
 import statistics
@@ -66,6 +66,7 @@ class Report:
     labels_panels: list = field(default_factory=list)
     curve_variants: list = field(default_factory=list)  # Figure 1's lines: [(label, [Run])]
     paired: list = field(default_factory=list)  # [(table title, [Paired])]: meta on vs off, seed by seed
+    gains: list = field(default_factory=list)  # [(table title, [Paired])]: each row vs labeled-only, seed by seed
     overtaking: list = field(default_factory=list)  # [(table title, [Overtaking])]: rows against labeled-only
 
 
@@ -140,17 +141,21 @@ def _variant(run: Run) -> tuple:
 
 # The paired comparisons of the meta term, on against off with all else equal: (on, off) rows of TABLE4_ROWS.
 META_PAIRS = (("meta", "none", "row 2 − row 1 (no mixup)"), ("both", "mixup", "row 4 − row 3 (with mixup)"))
+# What the unlabeled images buy: each semi-supervised row against the labeled-only baseline.
+GAIN_PAIRS = tuple((row, "labeled", f"row {n} − labeled only")
+                   for n, row in enumerate(("none", "meta", "mixup", "both"), start=1))
 SIGNIFICANCE = 0.05
 
 
 @dataclass
 class Paired:
-    """Meta on minus meta off, seed by seed, in one experiment."""
+    """One row minus another (meta on minus off, or a row minus labeled-only), seed by seed, in one experiment."""
     label: str
     seeds: list  # the seeds trained in both rows
-    differences: list  # error with meta minus error without, fractions, one per seed
+    differences: list  # error of the first row minus the second's, fractions, one per seed
     test: PairedT
     unmatched: list = field(default_factory=list)  # seeds trained in only one of the two rows
+    subject: str = "the meta term"  # what the first row adds, as the verdict names it
 
     @property
     def better(self) -> int:
@@ -169,16 +174,26 @@ class Paired:
         numbers = (f"{abs(100 * t.mean):.2f} points on average, 95% interval [{100 * t.low:+.2f}, "
                    f"{100 * t.high:+.2f}], p = {t.p:.3g}, {t.n} seeds")
         if self.established:
-            return f"{self.label}: established: the meta term {effect} the error ({numbers})"
-        return (f"{self.label}: not established: the meta term {effect} the error by {numbers}; the interval "
+            return f"{self.label}: established: {self.subject} {effect} the error ({numbers})"
+        return (f"{self.label}: not established: {self.subject} {effect} the error by {numbers}; the interval "
                 "includes 0")
 
 
 def paired_meta(table: AblationTable, warn=print) -> list[Paired]:
     """Meta on against meta off (rows 2 vs 1 and 4 vs 3) for the seeds that one table's rows share."""
+    return paired_rows(table, META_PAIRS, "the meta term", warn)
+
+
+def paired_gains(table: AblationTable, warn=print) -> list[Paired]:
+    """Each semi-supervised row against labeled-only for the seeds that one table's rows share."""
+    return paired_rows(table, GAIN_PAIRS, "the row", warn)
+
+
+def paired_rows(table: AblationTable, pairs: tuple, subject: str, warn=print) -> list[Paired]:
+    """First row minus second, seed by seed, for each (first, second, label) of `pairs` the table holds both of."""
     by_variant = {(unlabeled, meta, mixup): (cell, members) for unlabeled, meta, mixup, cell, members in table.rows}
     out = []
-    for on, off, label in META_PAIRS:
+    for on, off, label in pairs:
         if TABLE4_VARIANTS[on] not in by_variant or TABLE4_VARIANTS[off] not in by_variant:
             continue
         errors = []
@@ -197,11 +212,12 @@ def paired_meta(table: AblationTable, warn=print) -> list[Paired]:
         if not seeds:
             continue
         differences = [errors[0][s] - errors[1][s] for s in seeds]
-        out.append(Paired(label, seeds, differences, paired_t(differences), unmatched))
+        out.append(Paired(label, seeds, differences, paired_t(differences), unmatched, subject))
     return out
 
 
-def paired_markdown(comparisons: list[Paired]) -> list[str]:
+def paired_markdown(comparisons: list[Paired], gains: bool = False) -> list[str]:
+    """The table of paired differences and a verdict per comparison; for the meta term also one overall."""
     rows = []
     for c in comparisons:
         t = c.test
@@ -211,15 +227,21 @@ def paired_markdown(comparisons: list[Paired]) -> list[str]:
         rows.append([c.label, t.n, per_seed, f"{100 * t.mean:+.2f}", interval,
                      f"{t.p:.3g}" if t.p is not None else "–",
                      f"{c.better} of {t.n}" + (f" ({ties} tie{'s' if ties > 1 else ''})" if ties else "")])
-    md = ["Meta on minus meta off, same seed, in points of test error (negative: the meta term helps); "
+    intro = ("Each semi-supervised row minus labeled-only, same seed" if gains
+             else "Meta on minus meta off, same seed")
+    helps = "the unlabeled images help" if gains else "the meta term helps"
+    md = [f"{intro}, in points of test error (negative: {helps}); "
           "the 95% interval and the two-sided p-value are those of a paired t-test.", "",
-          _md_table(["Comparison", "Seeds", "Per seed", "Mean", "95% interval", "p", "Meta better in"], rows), ""]
+          _md_table(["Comparison", "Seeds", "Per seed", "Mean", "95% interval", "p",
+                     "Row better in" if gains else "Meta better in"], rows), ""]
     for c in comparisons:
         if c.unmatched:
             many = len(c.unmatched) > 1
             md += [f"{c.label}: seed{'s' if many else ''} {', '.join(map(str, c.unmatched))} "
                    f"{'are' if many else 'is'} in one row only and left out.", ""]
     md += [f"- {c.verdict()}" for c in comparisons] + [""]
+    if gains:
+        return md
     established = [c for c in comparisons if c.established]
     same_sign = len({c.test.mean < 0 for c in comparisons}) == 1
     if comparisons and len(established) == len(comparisons) and same_sign:
@@ -384,6 +406,10 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
         if comparisons:
             report.paired.append((table.title, comparisons))
             md += paired_markdown(comparisons)
+        gains = paired_gains(table, warn=warn)
+        if gains:
+            report.gains.append((table.title, gains))
+            md += paired_markdown(gains, gains=True)
         passing = overtaking_table(table)
         if passing:
             report.overtaking.append((table.title, passing))
