@@ -1,7 +1,7 @@
 """Conv-Large, the 13-layer CNN of the SSL literature (paper Table 6), with a width multiplier.
 
 `width=1` is the paper's network (3.1M parameters); smaller widths scale every layer's channel count,
-so that the same architecture trains on a laptop CPU (`configs/cifar10_cpu.yaml` uses 1/4)."""
+so that the same architecture trains on a laptop CPU (`configs/cifar10_cpu.yaml` uses 1/8)."""
 import torch.nn as nn
 
 
