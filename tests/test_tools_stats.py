@@ -38,8 +38,8 @@ def test_paired_t_with_one_pair_or_no_spread():
 
 def write_runs(root, errors):
     """Run folders <row>-s<seed> holding only final.json, as `python -m train` writes it."""
-    variants = {"labeled": (False, False, False), "none": (True, False, False), "meta": (True, True, False), "mixup": (True, False, True),
-                "both": (True, True, True)}
+    variants = {"labeled": (False, False, False), "none": (True, False, False), "meta": (True, True, False),
+                "mixup": (True, False, True), "both": (True, True, True)}
     for row, by_seed in errors.items():
         unlabeled, meta, mixup = variants[row]
         for seed, error in by_seed.items():

@@ -179,39 +179,42 @@ class Paired:
                 "includes 0")
 
 
-def paired_meta(table: AblationTable, warn=print) -> list[Paired]:
-    """Meta on against meta off (rows 2 vs 1 and 4 vs 3) for the seeds that one table's rows share."""
-    return paired_rows(table, META_PAIRS, "the meta term", warn)
+def errors_by_seed(table: AblationTable, warn=print) -> dict[tuple, dict]:
+    """(unlabeled, meta, mixup) -> {seed: error} of one table's rows; of two runs of one seed in a row, the first."""
+    out = {}
+    for unlabeled, meta, mixup, cell, members in table.rows:
+        by_seed = out[(unlabeled, meta, mixup)] = {}
+        for run, value in zip(members, cell.values):
+            seed = run.get("seed")
+            if seed in by_seed:
+                warn(f"{run.path}: a second run of seed {seed} in one row; the paired comparisons use the first")
+                continue
+            by_seed[seed] = value
+    return out
 
 
-def paired_gains(table: AblationTable, warn=print) -> list[Paired]:
-    """Each semi-supervised row against labeled-only for the seeds that one table's rows share."""
-    return paired_rows(table, GAIN_PAIRS, "the row", warn)
+def paired_meta(errors: dict[tuple, dict]) -> list[Paired]:
+    """Meta on against meta off (rows 2 vs 1 and 4 vs 3) for the seeds that the rows of `errors_by_seed` share."""
+    return paired_rows(errors, META_PAIRS, "the meta term")
 
 
-def paired_rows(table: AblationTable, pairs: tuple, subject: str, warn=print) -> list[Paired]:
-    """First row minus second, seed by seed, for each (first, second, label) of `pairs` the table holds both of."""
-    by_variant = {(unlabeled, meta, mixup): (cell, members) for unlabeled, meta, mixup, cell, members in table.rows}
+def paired_gains(errors: dict[tuple, dict]) -> list[Paired]:
+    """Each semi-supervised row against labeled-only for the seeds that the rows of `errors_by_seed` share."""
+    return paired_rows(errors, GAIN_PAIRS, "the row")
+
+
+def paired_rows(errors: dict[tuple, dict], pairs: tuple, subject: str) -> list[Paired]:
+    """First row minus second, seed by seed, for each (first, second, label) of `pairs` that `errors` holds both of."""
     out = []
     for on, off, label in pairs:
-        if TABLE4_VARIANTS[on] not in by_variant or TABLE4_VARIANTS[off] not in by_variant:
+        first, second = errors.get(TABLE4_VARIANTS[on]), errors.get(TABLE4_VARIANTS[off])
+        if first is None or second is None:
             continue
-        errors = []
-        for name in (on, off):
-            cell, members = by_variant[TABLE4_VARIANTS[name]]
-            by_seed = {}
-            for run, value in zip(members, cell.values):
-                seed = run.get("seed")
-                if seed in by_seed:
-                    warn(f"{run.path}: a second run of seed {seed} in one row; the paired comparison uses the first")
-                    continue
-                by_seed[seed] = value
-            errors.append(by_seed)
-        seeds = sorted(set(errors[0]) & set(errors[1]), key=str)
-        unmatched = sorted(set(errors[0]) ^ set(errors[1]), key=str)
+        seeds = sorted(set(first) & set(second), key=str)
+        unmatched = sorted(set(first) ^ set(second), key=str)
         if not seeds:
             continue
-        differences = [errors[0][s] - errors[1][s] for s in seeds]
+        differences = [first[s] - second[s] for s in seeds]
         out.append(Paired(label, seeds, differences, paired_t(differences), unmatched, subject))
     return out
 
@@ -402,11 +405,12 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
             body.append([number or "labeled-only", "✓" if meta else "", "✓" if mixup else "", cell.percent(),
                          len(cell.values)])
         md += [f"**{table.title}**", "", _md_table(["No.", "Meta", "Mix-Up", column, "Seeds"], body), ""]
-        comparisons = paired_meta(table, warn=warn)
+        errors = errors_by_seed(table, warn=warn)
+        comparisons = paired_meta(errors)
         if comparisons:
             report.paired.append((table.title, comparisons))
             md += paired_markdown(comparisons)
-        gains = paired_gains(table, warn=warn)
+        gains = paired_gains(errors)
         if gains:
             report.gains.append((table.title, gains))
             md += paired_markdown(gains, gains=True)
