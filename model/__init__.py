@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from model.convlarge import ConvLarge
-from model.digits import DigitsCNN
-from model.resnet import ResNet18
-from model.shakeshake import ShakeShake26
+from mgssl.model.convlarge import ConvLarge
+from mgssl.model.digits import DigitsCNN
+from mgssl.model.resnet import ResNet18
+from mgssl.model.shakeshake import ShakeShake26
 
 MODELS = {
     "convlarge": ConvLarge,

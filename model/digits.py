@@ -2,7 +2,7 @@
 leaky ReLU, channel dropout) at a size that trains in seconds on a laptop CPU."""
 import torch.nn as nn
 
-from model.convlarge import conv_bn_lrelu
+from mgssl.model.convlarge import conv_bn_lrelu
 
 
 class DigitsCNN(nn.Module):

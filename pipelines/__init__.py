@@ -6,8 +6,8 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.config import DATASETS, DataConfig
-from pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts
+from mgssl.pipelines.config import DATASETS, DataConfig
+from mgssl.pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts
 
 SPLIT_FILE = "labeled_split.json"
 
@@ -46,8 +46,8 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
     and `.split`, whichever pipeline serves the data set."""
     check_global_batch(cfg, world_size)
     if cfg.name == "imagenet":
-        from pipelines.folders import load_image_folders
-        from pipelines.imagenet import ImageFolderData
+        from mgssl.pipelines.folders import load_image_folders
+        from mgssl.pipelines.imagenet import ImageFolderData
 
         folders = load_image_folders(cfg.root, cfg.name)
         split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed)
@@ -55,13 +55,13 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
                                eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
                                num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir)
-    from pipelines.memory import InMemoryData
-    from pipelines.sources import ARRAY_READERS, DataMissingError
+    from mgssl.pipelines.memory import InMemoryData
+    from mgssl.pipelines.sources import ARRAY_READERS, DataMissingError
 
     if cfg.name not in ARRAY_READERS:
         raise NotImplementedError(f"data.name={cfg.name!r} has no pipeline yet")
     if cfg.download:
-        from pipelines.download import download
+        from mgssl.pipelines.download import download
 
         download(cfg.name, cfg.root)
     try:

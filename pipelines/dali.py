@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from pipelines.streams import IndexStream
+from mgssl.pipelines.streams import IndexStream
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, as fractions of 255
 STD = (0.229, 0.224, 0.225)

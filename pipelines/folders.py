@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.sources import DataMissingError, _need_root
+from mgssl.pipelines.sources import DataMissingError, _need_root
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 LAYOUT = ("train/<class>/*.JPEG and val/<class>/*.JPEG, one sub-folder per class with the same names in both "

@@ -6,10 +6,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from pipelines.dali import CorruptFiles, FileStream, PairedFileBatches, Transform, eval_batches
-from pipelines.folders import FileDataset
-from pipelines.prefetch import Prefetched
-from pipelines.splits import LabelSplit
+from mgssl.pipelines.dali import CorruptFiles, FileStream, PairedFileBatches, Transform, eval_batches
+from mgssl.pipelines.folders import FileDataset
+from mgssl.pipelines.prefetch import Prefetched
+from mgssl.pipelines.splits import LabelSplit
 
 
 class ImageFolderData:

@@ -8,11 +8,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipelines.augment import normalize, random_crop_flip
-from pipelines.prefetch import Prefetched
-from pipelines.sources import ArrayDataset
-from pipelines.splits import LabelSplit
-from pipelines.streams import IndexStream
+from mgssl.pipelines.augment import normalize, random_crop_flip
+from mgssl.pipelines.prefetch import Prefetched
+from mgssl.pipelines.sources import ArrayDataset
+from mgssl.pipelines.splits import LabelSplit
+from mgssl.pipelines.streams import IndexStream
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pipelines.pickles import UnsafePickleError, load_data_pickle
+from mgssl.pipelines.pickles import UnsafePickleError, load_data_pickle
 
 
 @dataclass

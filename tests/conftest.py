@@ -41,7 +41,7 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def subprocess_env() -> dict:
-    """Environment for child processes (`python -m train`, torchrun) that run this checkout."""
+    """Environment for child processes (`python -m mgssl.train`, torchrun) that run this checkout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import build_model
-from train.config import MethodConfig
-from train.step import SeparateForwards, train_step
+from mgssl.model import build_model
+from mgssl.train.config import MethodConfig
+from mgssl.train.step import SeparateForwards, train_step
 
 
 def written_out_meta_step(net, opt, batch, *, lr, weight, mixup, eps=0.01, gamma=1.0, num_classes=10):

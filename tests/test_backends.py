@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from train import engine
-from train.backends import CUBLAS_DETERMINISTIC, BackendFlags, backend_flags, current_flags
-from train.config import load_config
+from mgssl.train import engine
+from mgssl.train.backends import CUBLAS_DETERMINISTIC, BackendFlags, backend_flags, current_flags
+from mgssl.train.config import load_config
 
 SHORT = ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
          "train.progress=false", "train.tensorboard=false", "train.device=cpu")
@@ -66,7 +66,7 @@ def test_the_engine_trains_under_the_configured_switches_and_records_them(tmp_pa
 
 
 def test_the_benchmark_takes_the_trainers_defaults():
-    from tools.bench import parse_args
+    from mgssl.tools.bench import parse_args
 
     args = parse_args(["--device", "cpu"])
     assert BackendFlags(args.cudnn_benchmark, args.deterministic, args.tf32) == BackendFlags.of(

@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
-from model import build_model
-from train.meta import batched_probs, meta_targets, perturbed_parameters
+from mgssl.model import build_model
+from mgssl.train.meta import batched_probs, meta_targets, perturbed_parameters
 
 
 @pytest.mark.slow
 def test_bench_runs_end_to_end_and_reports_json(repo_root, subprocess_env):
-    cmd = [sys.executable, "-m", "tools.bench", "--model", "digits_cnn", "--device", "cpu", "--batch-size", "8",
+    cmd = [sys.executable, "-m", "mgssl.tools.bench", "--model", "digits_cnn", "--device", "cpu", "--batch-size", "8",
            "--steps", "2", "--warmup", "1", "--threads", "1", "--json"]
     out = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -36,7 +36,7 @@ def test_bench_runs_end_to_end_and_reports_json(repo_root, subprocess_env):
 
 
 def test_bench_resolves_its_estimator_as_training_does():
-    from tools.bench import parse_args
+    from mgssl.tools.bench import parse_args
 
     assert [parse_args(["--device", "cpu", "--precision", p]).estimator for p in ("fp32", "bf16", "fp16")] == \
         ["fd", "jvp", "jvp"]

@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from model import build_model
-from train.compiling import compile_mode, compiled
-from train.config import MethodConfig, OptimConfig, load_config
-from train.engine import build_optimizer
-from train.step import SeparateForwards, train_step
+from mgssl.model import build_model
+from mgssl.train.compiling import compile_mode, compiled
+from mgssl.train.config import MethodConfig, OptimConfig, load_config
+from mgssl.train.engine import build_optimizer
+from mgssl.train.step import SeparateForwards, train_step
 
 
 def test_compile_modes_read_from_the_config():

@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from pipelines import check_global_batch
-from train.config import (CONFIG_DIR, Config, from_dict, load_config, parse_override, read_yaml,
+from mgssl.pipelines import check_global_batch
+from mgssl.train.config import (CONFIG_DIR, Config, from_dict, load_config, parse_override, read_yaml,
                           resolve_config_path, to_dict)
-from train.engine import plan
+from mgssl.train.engine import plan
 
 # What each data set gives the network: (classes, input channels, training images).
 DATASET_SHAPES = {"digits": (10, 1, 1262), "svhn": (10, 3, 73257), "cifar10": (10, 3, 50000),
@@ -182,9 +182,9 @@ def test_zero_warm_up_and_ramp_up_and_the_largest_seed_are_accepted():
 def test_only_the_training_batch_must_divide_over_the_processes_as_the_docs_say():
     import re
 
-    from pipelines.memory import InMemoryData
-    from pipelines.sources import load_digits_arrays
-    from pipelines.splits import balanced_split
+    from mgssl.pipelines.memory import InMemoryData
+    from mgssl.pipelines.sources import load_digits_arrays
+    from mgssl.pipelines.splits import balanced_split
 
     cfg = load_config("digits", ("data.eval_batch_size=500", "data.batch_size=30"))
     check_global_batch(cfg.data, 3)  # 500 over 3 processes is accepted ...

@@ -3,8 +3,8 @@ whole CUDA subset: these, the sync-free steps in test_host_syncs.py and the resu
 import pytest
 import torch
 
-from model import build_model
-from tools.bench import SHAPES, fidelity, synthetic_batch
+from mgssl.model import build_model
+from mgssl.tools.bench import SHAPES, fidelity, synthetic_batch
 
 
 @pytest.mark.cuda

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fake_datasets import write_cifar10, write_cifar100, write_svhn
-from pipelines import DataConfig, build_data
-from pipelines import download as dl
-from pipelines.sources import DataMissingError, load_cifar10_arrays, load_cifar100_arrays, load_svhn_arrays
+from mgssl.pipelines import DataConfig, build_data
+from mgssl.pipelines import download as dl
+from mgssl.pipelines.sources import DataMissingError, load_cifar10_arrays, load_cifar100_arrays, load_svhn_arrays
 
 
 def test_cifar10_pickles_read_back_pixel_for_pixel(tmp_path):
@@ -149,7 +149,7 @@ def test_a_cifar_pickle_that_would_run_code_is_refused_without_running_it(tmp_pa
 def test_cifar_pickles_of_numpy_1_and_2_and_every_protocol_still_load(tmp_path, protocol):
     images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     raw = pickle.dumps({b"data": images, b"labels": [np.int64(3), 4], b"batch_label": b"x"}, protocol=protocol)
-    from pipelines.pickles import load_data_pickle
+    from mgssl.pipelines.pickles import load_data_pickle
 
     numpy1 = [raw.replace(b"numpy._core", b"numpy.core")] if protocol == 2 else []  # NumPy 1 wrote numpy.core
     for spelling in [raw] + numpy1:
@@ -202,7 +202,7 @@ def test_a_val_folder_lacking_classes_of_train_is_refused_naming_them(tmp_path):
     import shutil
 
     from fake_datasets import write_image_folders
-    from pipelines.folders import load_image_folders
+    from mgssl.pipelines.folders import load_image_folders
 
     root = write_image_folders(tmp_path, num_classes=4, per_class_train=1, per_class_val=1, size_range=(8, 8))
     assert load_image_folders(str(root)).num_classes == 4

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fake_datasets import write_cifar10
-from pipelines import SPLIT_FILE, DataConfig, build_data, resolve_split
-from pipelines.splits import balanced_split, load_split
+from mgssl.pipelines import SPLIT_FILE, DataConfig, build_data, resolve_split
+from mgssl.pipelines.splits import balanced_split, load_split
 
 
 def labels_with_counts(counts, seed=0) -> np.ndarray:

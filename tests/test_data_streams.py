@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fake_datasets import write_cifar10, write_svhn
-from pipelines import DataConfig, build_data
-from pipelines.augment import normalize, random_crop_flip
-from pipelines.streams import IndexStream
+from mgssl.pipelines import DataConfig, build_data
+from mgssl.pipelines.augment import normalize, random_crop_flip
+from mgssl.pipelines.streams import IndexStream
 
 
 def test_each_epoch_is_a_permutation_even_when_batches_straddle_epochs():

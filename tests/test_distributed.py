@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from train.metrics import read_metrics
+from mgssl.train.metrics import read_metrics
 
 # Several processes on one machine run on the CPU with gloo, chosen here: with train.device=auto on a
 # one-GPU machine rank 1 would ask for cuda:1, and NCCL refuses two ranks on one GPU.
@@ -31,7 +31,7 @@ def torchrun(*args) -> list[str]:
 
 
 def train_cmd(out, steps) -> list[str]:
-    return ["-m", "train", "digits", "--out", str(out), "--set", f"train.steps={steps}", *SETTINGS]
+    return ["-m", "mgssl.train", "digits", "--out", str(out), "--set", f"train.steps={steps}", *SETTINGS]
 
 
 def wait_until_step(proc, out, step: int, timeout_s: float = 300) -> None:
@@ -49,7 +49,7 @@ def assert_ranks_agree_and_experiment_unchanged(out, steps, world_size):
     assert len(final["weights_sha256_per_rank"]) == world_size
     assert len(set(final["weights_sha256_per_rank"])) == 1  # every rank holds the same weights
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    from train.checkpoint import fingerprint
+    from mgssl.train.checkpoint import fingerprint
 
     assert fingerprint(state["model"]) == final["weights_sha256"]  # ... and they are the ones saved
     # The global batch stays 32 whatever the process count: as many unlabeled images per step as one process.
@@ -57,7 +57,7 @@ def assert_ranks_agree_and_experiment_unchanged(out, steps, world_size):
     assert final["epochs"] == pytest.approx(steps * 32 / (split["train_size"] - split["num_labeled"]), abs=1e-4)
     assert len(state["rng"]) == world_size
     # Each rank tests its share; the counts are summed, so every test image is counted once.
-    from pipelines.sources import load_digits_arrays
+    from mgssl.pipelines.sources import load_digits_arrays
 
     test_size = len(load_digits_arrays().test_labels)
     assert {r["test_images"] for r in read_metrics(out, "eval")} == {test_size}
@@ -144,9 +144,9 @@ WORKER = textwrap.dedent("""
     import sys
     import torch
     import torch.distributed as dist
-    from model import build_model
-    from train import distributed as D
-    from train.meta import meta_targets
+    from mgssl.model import build_model
+    from mgssl.train import distributed as D
+    from mgssl.train.meta import meta_targets
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -173,8 +173,8 @@ def test_the_labeled_gradient_is_averaged_over_ranks_before_epsilon(tmp_path, su
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
 
-    from model import build_model
-    from train.meta import meta_targets
+    from mgssl.model import build_model
+    from mgssl.train.meta import meta_targets
 
     torch.manual_seed(0)
     net = build_model("digits_cnn", 10, 1).double().eval()
@@ -195,7 +195,7 @@ def test_workers_of_a_restart_agree_on_a_fresh_name_despite_a_stale_one(tmp_path
 
     import torch.distributed as dist
 
-    from train.distributed import agree_on_attempt
+    from mgssl.train.distributed import agree_on_attempt
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     server.set("mgssl/attempt", "dead-attempt")

@@ -4,11 +4,11 @@ import errno
 import pytest
 import torch
 
-import train.engine
-from train import checkpoint as ckpt
-from train.cli import main
-from train.config import load_config
-from train.engine import NonFiniteLossError, run
+import mgssl.train.engine as engine_module
+from mgssl.train import checkpoint as ckpt
+from mgssl.train.cli import main
+from mgssl.train.config import load_config
+from mgssl.train.engine import NonFiniteLossError, run
 
 SHORT = ("train.steps=30", "train.eval_every=10", "train.checkpoint_every=10", "train.log_every=5",
          "train.progress=false", "train.tensorboard=false")
@@ -25,7 +25,7 @@ def assert_clean_error(capsys, code, *fragments):
 
 def poison_inputs_from_step(monkeypatch, first_bad_step):
     """Feeds NaN images to the step from `first_bad_step` on (the loss, then the weights, turn NaN)."""
-    real_step, calls = train.engine.train_step, []
+    real_step, calls = engine_module.train_step, []
 
     def step(forwards, net, optimizer, batch, **kwargs):
         calls.append(1)
@@ -34,7 +34,7 @@ def poison_inputs_from_step(monkeypatch, first_bad_step):
             batch = (torch.full_like(x_l, float("nan")), y_l, x_u)
         return real_step(forwards, net, optimizer, batch, **kwargs)
 
-    monkeypatch.setattr(train.engine, "train_step", step)
+    monkeypatch.setattr(engine_module, "train_step", step)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import gpu_check
+from mgssl.tools import gpu_check
 
 
 @pytest.mark.slow

@@ -7,13 +7,13 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 
-from model import build_model
-from train.config import MethodConfig, OptimConfig
-from train.engine import build_optimizer
-from train.evaluate import error_counts, errors_from_counts
-from train.host_syncs import count_host_syncs
-from train.metrics import read_window
-from train.step import SeparateForwards, train_step
+from mgssl.model import build_model
+from mgssl.train.config import MethodConfig, OptimConfig
+from mgssl.train.engine import build_optimizer
+from mgssl.train.evaluate import error_counts, errors_from_counts
+from mgssl.train.host_syncs import count_host_syncs
+from mgssl.train.metrics import read_window
+from mgssl.train.step import SeparateForwards, train_step
 
 # The rows of configs/README.md's Table 4, as method overrides.
 ROWS = {
@@ -139,8 +139,8 @@ def syncs_are_errors():
 def test_cuda_prefetched_batches_equal_the_plain_ones_and_resume_exactly():
     import numpy as np
 
-    from pipelines.memory import DeviceImages, PairedBatches
-    from pipelines.prefetch import Prefetched
+    from mgssl.pipelines.memory import DeviceImages, PairedBatches
+    from mgssl.pipelines.prefetch import Prefetched
 
     device = torch.device("cuda")
     rng = np.random.default_rng(0)

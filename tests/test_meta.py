@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import build_model
-from train.meta import meta_targets, pseudo_label_grad
+from mgssl.model import build_model
+from mgssl.train.meta import meta_targets, pseudo_label_grad
 
 
 def smooth_net(classes=5, dropout=0.0):

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tools.fidelity import measure
-from train.meta import meta_targets, pseudo_label_grad, resolve_estimator
+from mgssl.tools.fidelity import measure
+from mgssl.train.meta import meta_targets, pseudo_label_grad, resolve_estimator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +222,9 @@ def test_resnet18_trained_on_cifar10_meets_the_bound_under_bf16(cifar10_root, tm
     labeled-only SGD steps on real CIFAR-10 (loss still ~2.2) ∇ỹ on CIFAR-10 images is within the bound,
     where the same network at its initialisation misses it by far (docs/PERF.md measures the same after
     600 steps at 64 and 224 px)."""
-    from model import build_model
-    from pipelines.sources import load_cifar10_arrays
-    from train import checkpoint as ckpt
+    from mgssl.model import build_model
+    from mgssl.pipelines.sources import load_cifar10_arrays
+    from mgssl.train import checkpoint as ckpt
 
     data = load_cifar10_arrays(str(cifar10_root))
     images = torch.from_numpy(data.train_images[:5000]).permute(0, 3, 1, 2).float() / 255
@@ -255,8 +255,8 @@ def test_resnet18_trained_on_cifar10_meets_the_bound_under_bf16(cifar10_root, tm
 
 def test_fidelity_on_cifar10_images_takes_real_images_and_their_labels(tmp_path):
     from fake_datasets import write_cifar10
-    from pipelines.sources import load_cifar10_arrays
-    from tools.fidelity import cifar10_batches
+    from mgssl.pipelines.sources import load_cifar10_arrays
+    from mgssl.tools.fidelity import cifar10_batches
 
     write_cifar10(tmp_path)
     x_l, y_l, x_u = cifar10_batches(str(tmp_path), 3, 48, 10, torch.Generator().manual_seed(0))
@@ -283,9 +283,9 @@ def test_fidelity_on_cifar10_images_takes_real_images_and_their_labels(tmp_path)
 
 
 def test_fidelity_of_a_trained_network_keeps_its_weights_and_statistics(tmp_path):
-    from model import build_model
-    from tools.fidelity import calibrated_network
-    from train import checkpoint as ckpt
+    from mgssl.model import build_model
+    from mgssl.tools.fidelity import calibrated_network
+    from mgssl.train import checkpoint as ckpt
 
     torch.manual_seed(3)
     trained = build_model("digits_cnn", 10, 3)

@@ -3,7 +3,7 @@ every parameter, shake-shake gates random in training and fixed in evaluation.""
 import pytest
 import torch
 
-from model import MODELS, build_model
+from mgssl.model import MODELS, build_model
 
 # name: (classes, channels, input size, published parameter count, relative tolerance)
 SPECS = {

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fake_datasets import break_jpeg, write_image_folders
-from pipelines import DataConfig, build_data
-from pipelines.dali import CROP_TRIES, MEAN, STD, CorruptImageError, Transform, augmentation_numbers, \
+from mgssl.pipelines import DataConfig, build_data
+from mgssl.pipelines.dali import CROP_TRIES, MEAN, STD, CorruptImageError, Transform, augmentation_numbers, \
     random_area_window
-from pipelines.folders import load_image_folders
+from mgssl.pipelines.folders import load_image_folders
 
 pytest.importorskip("nvidia.dali")
 
@@ -68,7 +68,7 @@ def test_evaluation_sees_every_validation_image_once_centre_cropped(folders):
 
 def test_the_random_numbers_of_the_augmentation_move_the_crop_and_flip(folders):
     files = load_image_folders(str(folders))
-    from pipelines.dali import build_pipeline, to_torch
+    from mgssl.pipelines.dali import build_pipeline, to_torch
 
     one = [files.train_files[0]] * 4
     numbers = np.array([[0.9, 0.0, 0.0], [0.1, 0.0, 0.0], [0.9, 1.0, 1.0], [0.9, 0.0, 0.0]],

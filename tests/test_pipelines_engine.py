@@ -18,8 +18,8 @@ def overrides(root, steps):
 
 @pytest.mark.slow
 def test_training_on_image_folders_resumes_to_the_same_weights(tmp_path):
-    from train.config import load_config
-    from train.engine import run
+    from mgssl.train.config import load_config
+    from mgssl.train.engine import run
 
     root = write_image_folders(tmp_path / "data", num_classes=3, per_class_train=8, per_class_val=2)
     straight = run(load_config("digits", overrides(root, 4)), tmp_path / "straight")

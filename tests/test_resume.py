@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.config import load_config
-from train.engine import run
-from train.metrics import read_metrics
+from mgssl.train import checkpoint as ckpt
+from mgssl.train.config import load_config
+from mgssl.train.engine import run
+from mgssl.train.metrics import read_metrics
 
 STEPS = 40
 # Checkpoints fall inside logging windows (every 5 vs every 4 steps): a resumed window must average
@@ -45,7 +45,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical_to_a_straight_run(tmp_path
     # The interrupted run is asked for far more steps (the step schedule does not depend on the total),
     # so it is certainly still running when it is killed; it is resumed with the real total.
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "train", "digits", "--out", str(killed), "--set", "train.steps=100000", *SETTINGS]
+    cmd = [sys.executable, "-m", "mgssl.train", "digits", "--out", str(killed), "--set", "train.steps=100000", *SETTINGS]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -85,7 +85,7 @@ def test_cuda_resume_with_deterministic_kernels_is_bit_identical(tmp_path, subpr
     common = ("train.device=cuda", "train.deterministic=true", f"train.precision={precision}", *SETTINGS[:-1])
 
     def train(out, steps, *extra):
-        cmd = [sys.executable, "-m", "train", "digits", "--out", str(out), *extra, "--set", f"train.steps={steps}",
+        cmd = [sys.executable, "-m", "mgssl.train", "digits", "--out", str(out), *extra, "--set", f"train.steps={steps}",
                *common]
         done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -12,16 +12,16 @@ import time
 import pytest
 import torch
 
-import train.engine
-from pipelines import SPLIT_FILE
-from pipelines.sources import load_digits_arrays
-from pipelines.splits import balanced_split
-from train import checkpoint as ckpt
-from train.cli import main
-from train.config import load_config, to_dict
-from train.engine import run
-from train.metrics import read_metrics
-from train.rundir import EXIT_STOPPED, RunFolderError, check_resume_schedule, run_files
+import mgssl.train.engine as engine_module
+from mgssl.pipelines import SPLIT_FILE
+from mgssl.pipelines.sources import load_digits_arrays
+from mgssl.pipelines.splits import balanced_split
+from mgssl.train import checkpoint as ckpt
+from mgssl.train.cli import main
+from mgssl.train.config import load_config, to_dict
+from mgssl.train.engine import run
+from mgssl.train.metrics import read_metrics
+from mgssl.train.rundir import EXIT_STOPPED, RunFolderError, check_resume_schedule, run_files
 
 QUIET = ("train.progress=false", "train.tensorboard=false")
 TINY = ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2", *QUIET)
@@ -50,7 +50,7 @@ def split_of_seed(seed):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from train.runlock import lock_run_folder  # no torch: starts in a blink
+from mgssl.train.runlock import lock_run_folder  # no torch: starts in a blink
 lock_run_folder(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)
@@ -110,7 +110,7 @@ def test_a_failed_start_leaves_nothing_that_changes_the_next_run(tmp_path, monke
     def no_optimizer(*args, **kwargs):
         raise ValueError("the optimiser could not be built")
 
-    monkeypatch.setattr(train.engine, "build_optimizer", no_optimizer)
+    monkeypatch.setattr(engine_module, "build_optimizer", no_optimizer)
     with pytest.raises(ValueError, match="optimiser"):
         run(tiny("seed=1"), tmp_path)
     assert run_files(tmp_path) == []
@@ -201,7 +201,7 @@ def test_a_read_only_out_is_one_line_before_anything_is_written(tmp_path, monkey
 def test_the_first_speed_after_a_resume_counts_only_the_steps_it_timed(tmp_path, monkeypatch):
     """A fake clock advances one second per step: every logged speed must be one global batch a second."""
     settings = ("train.steps=6", "train.log_every=4", "train.checkpoint_every=3", "train.eval_every=6", *QUIET)
-    clock, real_step = [0.0], train.engine.train_step
+    clock, real_step = [0.0], engine_module.train_step
 
     def crash_after_the_checkpoint_at_3(*args, **kwargs):
         if clock[0] == 3:
@@ -210,7 +210,7 @@ def test_the_first_speed_after_a_resume_counts_only_the_steps_it_timed(tmp_path,
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(train.engine, "train_step", crash_after_the_checkpoint_at_3)
+    monkeypatch.setattr(engine_module, "train_step", crash_after_the_checkpoint_at_3)
     with pytest.raises(RuntimeError, match="killed"):
         run(load_config("digits", settings), tmp_path)
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["log_window"]["count"] == 3
@@ -219,7 +219,7 @@ def test_the_first_speed_after_a_resume_counts_only_the_steps_it_timed(tmp_path,
         clock[0] += 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train.engine, "train_step", step)
+    monkeypatch.setattr(engine_module, "train_step", step)
     run(load_config("digits", settings), tmp_path, resume=True)
     rows = read_metrics(tmp_path, "train")
     assert [r["step"] for r in rows] == [4, 6]
@@ -245,7 +245,7 @@ def signals_fail_the_test():
 
 
 def signal_during_step(monkeypatch, step, signum, again_while_saving=False):
-    real_step, real_write, calls = train.engine.train_step, ckpt._write_file, []
+    real_step, real_write, calls = engine_module.train_step, ckpt._write_file, []
 
     def one_step(*args, **kwargs):
         calls.append(1)
@@ -260,7 +260,7 @@ def signal_during_step(monkeypatch, step, signum, again_while_saving=False):
             os.kill(os.getpid(), signum)
         return real_write(path, data)
 
-    monkeypatch.setattr(train.engine, "train_step", one_step)
+    monkeypatch.setattr(engine_module, "train_step", one_step)
     monkeypatch.setattr(ckpt, "_write_file", write)
 
 
@@ -280,7 +280,7 @@ def test_sigterm_saves_where_it_stopped_and_the_resume_is_bit_identical(tmp_path
     assert "SIGTERM again" in err
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("stopped by SIGTERM at step 7 of 10; saved ") and "Traceback" not in err
-    assert last_line.endswith(" -m train " + " ".join([*argv, "--resume"])), last_line
+    assert last_line.endswith(" -m mgssl.train " + " ".join([*argv, "--resume"])), last_line
     assert torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"] == 7
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["last.pt"]
     assert not (stopped / "final.json").exists()

@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import build_model
-from train.config import MethodConfig
-from train.losses import consistency_mse, mixup_pairs, update_pseudo_labels
-from train.meta import pseudo_label_grad
-from train.step import SeparateForwards, mixup_ratios, pseudo_label_step, pseudo_labels, train_step
+from mgssl.model import build_model
+from mgssl.train.config import MethodConfig
+from mgssl.train.losses import consistency_mse, mixup_pairs, update_pseudo_labels
+from mgssl.train.meta import pseudo_label_grad
+from mgssl.train.step import SeparateForwards, mixup_ratios, pseudo_label_step, pseudo_labels, train_step
 
 
 def small_net(classes=4):

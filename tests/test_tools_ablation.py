@@ -1,5 +1,5 @@
 """tools.ablation on tiny digits runs: which runs it trains, skips, leaves alone and resumes, and
-that run folders made by hand with `python -m train` are the same runs."""
+that run folders made by hand with `python -m mgssl.train` are the same runs."""
 import json
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tool_runs import COMMON, train_digits
-from tools import ablation
-from tools.runs import TABLE4_ROWS
+from mgssl.tools import ablation
+from mgssl.tools.runs import TABLE4_ROWS
 
 
 def starts(run_dir):
@@ -17,7 +17,7 @@ def starts(run_dir):
 
 
 def by_hand(out, row, seed, *extra):
-    """The run `python -m train digits --out OUT/<row>-s<seed> --set seed=<seed> <row overrides>` would make."""
+    """The run `python -m mgssl.train digits --out OUT/<row>-s<seed> --set seed=<seed> <row overrides>` would make."""
     return train_digits(out / f"{row}-s{seed}", (f"seed={seed}", *TABLE4_ROWS[row], *extra))
 
 
@@ -61,7 +61,7 @@ def test_a_study_skips_finished_runs_leaves_unfinished_ones_alone_and_resumes_th
 
 
 def test_a_finished_run_with_other_settings_is_refused_before_anything_trains(tmp_path, capsys):
-    from train.config import load_config, to_dict
+    from mgssl.train.config import load_config, to_dict
 
     folder = tmp_path / "study" / "none-s0"
     folder.mkdir(parents=True)
@@ -132,14 +132,14 @@ def test_the_readme_lists_the_rows_as_the_study_trains_them(repo_root):
         name, _, overrides = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
         listed[name] = tuple(overrides.split()) if overrides != "(none)" else ()
     assert listed == TABLE4_ROWS
-    assert "python -m tools.ablation digits --seeds 0-9 --out runs/table4" in text
+    assert "python -m mgssl.tools.ablation digits --seeds 0-9 --out runs/table4" in text
 
 
 def test_an_older_run_folder_matches_the_same_experiment_made_today():
     # A run saved before keys were added (and with the estimator that `auto` resolves to in fp32)
     # is the same experiment as today's default: the study must not refuse it, the report not split it.
-    from train.config import Config, to_dict
-    from tools.runs import normalized_config
+    from mgssl.train.config import Config, to_dict
+    from mgssl.tools.runs import normalized_config
 
     today = to_dict(Config())
     older = to_dict(Config())

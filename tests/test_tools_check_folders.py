@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fake_datasets import break_jpeg, write_image_folders
-from tools.check_folders import Comparison, main
+from mgssl.tools.check_folders import Comparison, main
 
 pytest.importorskip("nvidia.dali")
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from tool_runs import shared_runs
-from tools.evaluate import evaluate_checkpoint, main
+from mgssl.tools.evaluate import evaluate_checkpoint, main
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tool_runs import shared_runs
-from tools.meta_probe import main, probe
-from tools.runs import restore
+from mgssl.tools.meta_probe import main, probe
+from mgssl.tools.runs import restore
 
 pytestmark = pytest.mark.slow
 

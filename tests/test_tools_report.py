@@ -10,9 +10,9 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 
 from tool_runs import RUNS, shared_runs
-from tools import plots
-from tools.report import build_report, main
-from tools.runs import RunSelectionError, read_evals, select_runs
+from mgssl.tools import plots
+from mgssl.tools.report import build_report, main
+from mgssl.tools.runs import RunSelectionError, read_evals, select_runs
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +194,7 @@ def test_an_empty_selection_is_an_error_that_says_what_to_do(tmp_path, capsys):
         select_runs([tmp_path / "empty"])
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "no finished run" in err and "python -m train" in err
+    assert "no finished run" in err and "python -m mgssl.train" in err
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -263,10 +263,10 @@ def test_runs_of_different_settings_are_not_averaged_together(runs_root, tmp_pat
 
 
 def _hand_written_run(folder, meta, errors):
-    """A run folder as `python -m train` leaves it, with chosen errors in final.json."""
+    """A run folder as `python -m mgssl.train` leaves it, with chosen errors in final.json."""
     import yaml
 
-    from train.config import load_config, to_dict
+    from mgssl.train.config import load_config, to_dict
 
     folder.mkdir(parents=True)
     cfg = load_config("digits", (f"method.meta={str(meta).lower()}", "method.mixup=false"))
@@ -279,7 +279,7 @@ def _hand_written_run(folder, meta, errors):
 
 
 def test_each_table_names_the_error_it_shows_and_the_readme_agrees(tmp_path, repo_root):
-    from tools.report import DEFAULT_METRIC, METRICS
+    from mgssl.tools.report import DEFAULT_METRIC, METRICS
 
     _hand_written_run(tmp_path / "runs" / "plain", False, (0.30, 0.20, 0.10))
     _hand_written_run(tmp_path / "runs" / "meta", True, (0.25, 0.15, 0.05))
@@ -300,7 +300,7 @@ def test_each_table_names_the_error_it_shows_and_the_readme_agrees(tmp_path, rep
 
 
 def test_overtaking_finds_the_first_step_below_and_the_step_from_which_it_stays_below():
-    from tools.report import overtaking
+    from mgssl.tools.report import overtaking
 
     def rows(errors, steps=(100, 200, 300, 400, 500)):
         return [{"step": s, "top1_error": e} for s, e in zip(steps, errors)]
@@ -318,7 +318,7 @@ def test_overtaking_finds_the_first_step_below_and_the_step_from_which_it_stays_
 
 
 def test_the_report_says_where_each_row_passes_labeled_only(report):
-    from tools.report import mean_errors
+    from mgssl.tools.report import mean_errors
 
     ((title, found),) = report.overtaking
     (table,) = [t for t in report.tables if t.title == title]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tools.report import build_report
-from tools.stats import paired_t
+from mgssl.tools.report import build_report
+from mgssl.tools.stats import paired_t
 
 # Student's sleep data (Cushny & Peebles), drug 2 minus drug 1 per patient; R's
 # t.test(extra ~ group, data = sleep, paired = TRUE) gives t = 4.0621, df = 9, p = 0.002833,
@@ -37,7 +37,7 @@ def test_paired_t_with_one_pair_or_no_spread():
 
 
 def write_runs(root, errors):
-    """Run folders <row>-s<seed> holding only final.json, as `python -m train` writes it."""
+    """Run folders <row>-s<seed> holding only final.json, as `python -m mgssl.train` writes it."""
     variants = {"labeled": (False, False, False), "none": (True, False, False), "meta": (True, True, False),
                 "mixup": (True, False, True), "both": (True, True, True)}
     for row, by_seed in errors.items():

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from tool_runs import shared_runs
-from tools.tsne import SUBSETS, main, tsne_figure
+from mgssl.tools.tsne import SUBSETS, main, tsne_figure
 
 pytestmark = pytest.mark.slow
 MAX_POINTS = 60
@@ -39,7 +39,7 @@ def test_one_row_per_network_with_four_panels(figure):
 
 
 def test_the_points_are_the_runs_subsets(figure, runs_root):
-    from pipelines.sources import load_digits_arrays
+    from mgssl.pipelines.sources import load_digits_arrays
 
     _, rows = figure
     arrays = load_digits_arrays()

@@ -29,9 +29,9 @@ COMMON = (f"train.steps={STEPS}", "train.eval_every=5", "train.log_every=5", "tr
 
 
 def train_digits(out: Path, overrides: tuple = ()) -> Path:
-    """One run of `python -m train digits --out OUT --set ...`, in this process."""
-    from train.config import load_config
-    from train.engine import run
+    """One run of `python -m mgssl.train digits --out OUT --set ...`, in this process."""
+    from mgssl.train.config import load_config
+    from mgssl.train.engine import run
 
     cfg = load_config("digits", COMMON + tuple(overrides))
     run(cfg, out, argv=["digits", "--out", str(out), "--set", *COMMON, *overrides])

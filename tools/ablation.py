@@ -1,6 +1,6 @@
-"""python -m tools.ablation CONFIG --seeds 0-2 [--rows labeled,none,meta,mixup,both] [--set k=v ...] --out DIR
+"""python -m mgssl.tools.ablation CONFIG --seeds 0-2 [--rows labeled,none,meta,mixup,both] [--set k=v ...] --out DIR
 
-A Table-4 study as one command: every row x seed is its own run of `python -m train`, in the run
+A Table-4 study as one command: every row x seed is its own run of `python -m mgssl.train`, in the run
 folder DIR/<row>-s<seed>, then the report of tools.report (the table, the paired comparisons of the
 meta term on and off and of each row against labeled-only, the curves) is written to DIR/report.md.
 
@@ -10,7 +10,7 @@ The rows are the labeled-only baseline and the paper's Table-4 rows 1-4 (tools/r
   meta     method.mixup=false                     (row 2)
   mixup    method.meta=false                      (row 3)
   both     (nothing)                              (row 4: Algorithm 2)
-Run i is `python -m train CONFIG --out DIR/<row>-s<seed> --set seed=<seed> [--set ...] <row overrides>`,
+Run i is `python -m mgssl.train CONFIG --out DIR/<row>-s<seed> --set seed=<seed> [--set ...] <row overrides>`,
 so folders made by hand with that command are the same runs. A finished run (final.json present)
 is skipped; an unfinished one is continued with `--resume` only when --resume is given (without it,
 it may be one that is still training, and it is left alone). Each run's output goes to DIR/logs/."""
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, TABLE4_VARIANTS, is_run_dir, normalized_config
+from mgssl.tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, TABLE4_VARIANTS, is_run_dir, normalized_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGS = "logs"
@@ -39,12 +39,12 @@ class StudyError(ValueError):
 
 @dataclass
 class Planned:
-    """One run of the study: its folder name (<row>-s<seed>), folder, and `python -m train` arguments."""
+    """One run of the study: its folder name (<row>-s<seed>), folder, and `python -m mgssl.train` arguments."""
     name: str
     row: str
     seed: int
     path: Path
-    argv: list  # the arguments after `python -m train`
+    argv: list  # the arguments after `python -m mgssl.train`
     config: dict  # the resolved config, nested as config.yaml holds it
     total_steps: Optional[int]
 
@@ -81,7 +81,7 @@ def parse_rows(text: str) -> list[str]:
 def plan(config: str, seeds: list[int], rows: list[str], sets: list[str], out: Path) -> list[Planned]:
     """The runs of the study, each with its resolved config; the settings are checked before
     anything is trained."""
-    from train.config import load_config, to_dict
+    from mgssl.train.config import load_config, to_dict
 
     for text in sets:
         key = text.partition("=")[0].strip()
@@ -122,7 +122,7 @@ def settings_differ(run: Planned) -> list[str]:
     wanted = normalized_config(yaml.safe_load(yaml.safe_dump(run.config)))  # as the run folder would hold it
     ignore = set(NOT_THE_EXPERIMENT) - {"seed"}
     if run.state == "unfinished":
-        from train.rundir import RESUMABLE_CHANGES
+        from mgssl.train.rundir import RESUMABLE_CHANGES
 
         ignore |= set(RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k, '<absent>')!r} there, {wanted.get(k, '<absent>')!r} here"
@@ -233,7 +233,7 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
         while pending or children:
             while pending and len(children) < jobs:
                 run = pending.pop(0)
-                argv = [sys.executable, "-m", "train", *run.argv] + (["--resume"] if run.state == "unfinished" else [])
+                argv = [sys.executable, "-m", "mgssl.train", *run.argv] + (["--resume"] if run.state == "unfinished" else [])
                 log = open(logs / f"{run.name}.log", "a")
                 log.write(f"$ {shlex.join(argv)}\n")
                 log.flush()
@@ -272,9 +272,9 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.ablation", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.ablation", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  python -m tools.ablation digits --seeds 0-9 --out runs/table4 "
+                                epilog="example:\n  python -m mgssl.tools.ablation digits --seeds 0-9 --out runs/table4 "
                                        "--jobs 2\n")
     p.add_argument("config", help="a YAML file, or the name of one in configs/")
     p.add_argument("--seeds", required=True, help="seeds to train, e.g. 0-2 or 0,3,5")
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         for run in runs:
-            print(f"OMP_NUM_THREADS={args.threads} python -m train {shlex.join(run.argv)}")
+            print(f"OMP_NUM_THREADS={args.threads} python -m mgssl.train {shlex.join(run.argv)}")
         return 0
     states = {run.name: run.state for run in runs}
     todo = [r for r in runs if states[r.name] == "new" or (states[r.name] == "unfinished" and args.resume)]
@@ -320,11 +320,11 @@ def main(argv=None) -> int:
         for sig, handler in before.items():
             signal.signal(sig, handler)
 
-    from tools.report import build_report
+    from mgssl.tools.report import build_report
 
     existing = [r.path for r in runs if r.path.is_dir()]
     if any((path / FINAL).is_file() for path in existing):
-        command = "python -m tools.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m mgssl.tools.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
         report = build_report(existing, args.out, command=command, warn=lambda text: None)
         say(f"wrote {report.path}")
     unfinished = [r.name for r in runs if r.state != "finished"]

@@ -1,6 +1,6 @@
 """Throughput of the training step: supervised vs mixup vs meta+mixup, in one run.
 
-    python -m tools.bench --model convlarge --device cpu --batch-size 32 --steps 10 --json
+    python -m mgssl.tools.bench --model convlarge --device cpu --batch-size 32 --steps 10 --json
 
 Times the real `train.step.train_step` for four rows on synthetic batches that already sit on the
 device (this measures the step, not the data pipeline):
@@ -38,14 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import build_model
-from train import backends
-from train.backends import BackendFlags
-from train.compiling import COMPILE_MODES, compiled
-from train.config import MethodConfig, OptimConfig
-from train.engine import build_optimizer, git_commit
-from train.meta import pseudo_label_grad, resolve_estimator
-from train.step import SeparateForwards, autocast_for, train_step
+from mgssl.model import build_model
+from mgssl.train import backends
+from mgssl.train.backends import BackendFlags
+from mgssl.train.compiling import COMPILE_MODES, compiled
+from mgssl.train.config import MethodConfig, OptimConfig
+from mgssl.train.engine import build_optimizer, git_commit
+from mgssl.train.meta import pseudo_label_grad, resolve_estimator
+from mgssl.train.step import SeparateForwards, autocast_for, train_step
 
 # name -> (classes, channels, image side): the data sets each network is trained on in the paper.
 SHAPES = {
@@ -83,7 +83,7 @@ def variants(estimator: str, meta_precision: str = "run") -> list[Variant]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convlarge", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step: B labeled + B unlabeled images")

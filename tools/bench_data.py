@@ -1,7 +1,7 @@
 """Images per second of each data pipeline, alone and while a network trains on its batches.
 
-    python -m tools.bench_data                       # CPU, synthetic data of the real shapes
-    python -m tools.bench_data --device cuda --cifar-root /data/cifar10 --imagenet-root /data/imagenet
+    python -m mgssl.tools.bench_data                       # CPU, synthetic data of the real shapes
+    python -m mgssl.tools.bench_data --device cuda --cifar-root /data/cifar10 --imagenet-root /data/imagenet
 
 A step is one paired batch (x_l, y_l, x_u): 2 x batch images. "alone" only draws batches (and waits
 for them to be ready on the device); "with model" also runs a forward and backward pass of the
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 
 def synthetic_arrays(n: int, seed: int = 0):
-    from pipelines.sources import ArrayDataset
+    from mgssl.pipelines.sources import ArrayDataset
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
@@ -75,9 +75,9 @@ def measure(batches, steps: int, warmup: int, device: torch.device, net=None, op
 
 
 def build_memory(args, device):
-    from pipelines import DataConfig, build_data
-    from pipelines.memory import InMemoryData
-    from pipelines.splits import balanced_split
+    from mgssl.pipelines import DataConfig, build_data
+    from mgssl.pipelines.memory import InMemoryData
+    from mgssl.pipelines.splits import balanced_split
 
     if args.cifar_root:
         cfg = DataConfig(name="cifar10", root=args.cifar_root, labels=4000, batch_size=2 * args.batch_memory)
@@ -90,7 +90,7 @@ def build_memory(args, device):
 
 
 def build_dali(args, device, workdir: Path):
-    from pipelines import DataConfig, build_data
+    from mgssl.pipelines import DataConfig, build_data
 
     root = args.imagenet_root
     what = f"class folders at {root}"
@@ -104,7 +104,7 @@ def build_dali(args, device, workdir: Path):
 
 
 def model_for(name: str, data, device):
-    from model import build_model
+    from mgssl.model import build_model
 
     net = build_model(name, data.num_classes, data.in_channels, channels_last=True).to(device)
     return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

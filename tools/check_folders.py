@@ -1,4 +1,4 @@
-"""python -m tools.check_folders ROOT [--threads T] [--batch-size B] [--json]
+"""python -m mgssl.tools.check_folders ROOT [--threads T] [--batch-size B] [--json]
 
 Decodes every image of an ImageNet-layout folder tree (ROOT/train/<class>/*, ROOT/val/<class>/*)
 twice: with the DALI pipeline of the ImageNet path (pipelines/dali.py, its reader and decoder,
@@ -57,7 +57,7 @@ def dali_decode(files: list[str], *, batch_size: int, threads: int,
 
     A batch that fails is searched file by file for the culprit, and the pipeline is rebuilt
     without it from that batch on."""
-    from pipelines.dali import build_decode_pipeline, find_undecodable
+    from mgssl.pipelines.dali import build_decode_pipeline, find_undecodable
 
     todo = list(files)
     while todo:
@@ -120,16 +120,16 @@ def check(files: list[str], *, batch_size: int = 256, threads: int = 1, progress
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.check_folders", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.check_folders", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  OMP_NUM_THREADS=1 python -m tools.check_folders data/c10/folders\n")
+                                epilog="example:\n  OMP_NUM_THREADS=1 python -m mgssl.tools.check_folders data/c10/folders\n")
     p.add_argument("root", type=Path, help="the folder holding train/<class>/ and val/<class>/")
     p.add_argument("--threads", type=int, default=1, help="DALI decoding threads (Pillow uses one; default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="images per DALI batch (default 256)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = p.parse_args(argv)
-    from pipelines.folders import load_image_folders
-    from pipelines.sources import DataMissingError
+    from mgssl.pipelines.folders import load_image_folders
+    from mgssl.pipelines.sources import DataMissingError
 
     try:
         if args.threads < 1 or args.batch_size < 1:

@@ -1,4 +1,4 @@
-"""python -m tools.evaluate CHECKPOINT_OR_RUN_DIR [--data-root DIR] [--json PATH]
+"""python -m mgssl.tools.evaluate CHECKPOINT_OR_RUN_DIR [--data-root DIR] [--json PATH]
 
 The test error of a saved network (top-1, and top-5 for data sets of more than 10 classes), on the
 test set of the data set it was trained on, rebuilt from the config saved in the checkpoint."""
@@ -13,9 +13,9 @@ def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = 
                         precision: Optional[str] = None, warn=print) -> dict:
     """{"top1_error", "top5_error" (more than 10 classes), "test_loss", "test_images", "step", ...}.
     `precision` defaults to the run's train.precision, the one its own evaluations used."""
-    from train.evaluate import error_counts, errors_from_counts
-    from train.step import autocast_for
-    from tools.runs import restore
+    from mgssl.train.evaluate import error_counts, errors_from_counts
+    from mgssl.train.step import autocast_for
+    from mgssl.tools.runs import restore
 
     restored = restore(path, data_root=data_root, device=device, warn=warn)
     precision = precision or restored.cfg.train.precision
@@ -32,9 +32,9 @@ def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[1],
-                                epilog="example:\n  python -m tools.evaluate runs/digits-seed0\n"
-                                       "  python -m tools.evaluate runs/cifar10/checkpoints/last.pt "
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.evaluate", description=__doc__.split("\n\n")[1],
+                                epilog="example:\n  python -m mgssl.tools.evaluate runs/digits-seed0\n"
+                                       "  python -m mgssl.tools.evaluate runs/cifar10/checkpoints/last.pt "
                                        "--data-root /data/cifar10 --json eval.json",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_OR_RUN_DIR",

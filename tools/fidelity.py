@@ -1,7 +1,7 @@
 """How faithful ∇ỹ, the meta-gradient with respect to the pseudo labels, is under bf16/fp16 autocast.
 
-    python -m tools.fidelity --network convlarge --precision bf16 [--batch 128] [--size 32] [--json]
-    python -m tools.fidelity --network resnet18 --cifar10 DIR      # natural images instead of noise
+    python -m mgssl.tools.fidelity --network convlarge --precision bf16 [--batch 128] [--size 32] [--json]
+    python -m mgssl.tools.fidelity --network resnet18 --cifar10 DIR      # natural images instead of noise
 
 For one of the paper's networks at its batch size and resolution it prints the cosine (and relative
 error) of ∇ỹ to a float64 reference, per estimator: `fd` (g under autocast, the ±εg passes in fp32),
@@ -17,7 +17,7 @@ are synthetic (standard normal images, uniform labels); `--cifar10 DIR` takes CI
 images and their labels instead (from DIR's cifar-10-batches-py/, resized to the network's
 resolution and normalised per channel). The network is at its initialisation, with BatchNorm's
 running statistics set from the two batches so that eval mode normalises as a trained network's would;
-`--weights RUN` measures a trained network instead (a checkpoint of `python -m train`).
+`--weights RUN` measures a trained network instead (a checkpoint of `python -m mgssl.train`).
 """
 import argparse
 import copy
@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from model import build_model
-from train.meta import pseudo_label_grad, resolve_estimator
+from mgssl.model import build_model
+from mgssl.train.meta import pseudo_label_grad, resolve_estimator
 
 # network: (per-process batch, image size, classes) of the paper's experiments (configs/).
 PAPER = {"convlarge": (128, 32, 10), "shakeshake26": (128, 32, 10), "resnet18": (64, 224, 1000)}
@@ -56,7 +56,7 @@ def synthetic_batches(batch: int, size: int, classes: int, gen: torch.Generator)
 def cifar10_batches(root: str, batch: int, size: int, classes: int, gen: torch.Generator):
     """2·batch CIFAR-10 training images drawn at random, bilinearly resized to `size` and normalised
     with their own per-channel mean and std; the labeled half keeps its true labels."""
-    from pipelines.sources import DataMissingError, load_cifar10_arrays
+    from mgssl.pipelines.sources import DataMissingError, load_cifar10_arrays
 
     try:
         data = load_cifar10_arrays(root)
@@ -75,16 +75,16 @@ def cifar10_batches(root: str, batch: int, size: int, classes: int, gen: torch.G
 
 
 def trained_weights(path: str) -> dict:
-    """The network weights of a checkpoint of `python -m train` (a .pt file or its run folder)."""
-    from tools.runs import checkpoint_path
-    from train import checkpoint as ckpt
+    """The network weights of a checkpoint of `python -m mgssl.train` (a .pt file or its run folder)."""
+    from mgssl.tools.runs import checkpoint_path
+    from mgssl.train import checkpoint as ckpt
 
     try:
         state = ckpt.load(checkpoint_path(path))
     except FileNotFoundError as e:
         raise SystemExit(f"--weights: {e}") from None
     if "model" not in state:
-        raise SystemExit(f"--weights {path}: no 'model' entry; pass a checkpoint of `python -m train` or its run folder")
+        raise SystemExit(f"--weights {path}: no 'model' entry; pass a checkpoint of `python -m mgssl.train` or its run folder")
     return state["model"]
 
 
@@ -182,7 +182,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="eval", choices=("eval", "train"), help="the meta part's mode (method.meta_mode)")
     p.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 images from DIR (holding cifar-10-batches-py/) "
                    "instead of synthetic noise")
-    p.add_argument("--weights", metavar="CHECKPOINT", help="a trained network: a checkpoint of `python -m train` "
+    p.add_argument("--weights", metavar="CHECKPOINT", help="a trained network: a checkpoint of `python -m mgssl.train` "
                    "or its run folder (default: the network at its initialisation)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="set BatchNorm's running statistics from the two batches (default: only at initialisation; "

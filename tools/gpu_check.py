@@ -1,7 +1,7 @@
 """One command for the first GPU: does every CUDA path run, and how fast is it?
 
-    python -m tools.gpu_check --out runs/gpu-check --cifar data/cifar10
-    python -m tools.gpu_check --dry-run --out /tmp/gpu-check     # the same checks on the CPU, tiny sizes
+    python -m mgssl.tools.gpu_check --out runs/gpu-check --cifar data/cifar10
+    python -m mgssl.tools.gpu_check --dry-run --out /tmp/gpu-check     # the same checks on the CPU, tiny sizes
 
 Prints one table and writes it to OUT/gpu_check.md (with OUT/gpu_check.json):
 
@@ -82,7 +82,7 @@ class Plan:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="folder for gpu_check.md/.json and runs")
     p.add_argument("--dry-run", action="store_true", help="the same checks on the CPU at tiny sizes")
     p.add_argument("--cifar", type=Path, default=None,
@@ -176,7 +176,7 @@ def count_syncs(step: Callable[[], None], device: torch.device, steps: int) -> i
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in seen)
-    from train.host_syncs import count_host_syncs
+    from mgssl.train.host_syncs import count_host_syncs
 
     with count_host_syncs() as counts:
         for _ in range(steps):
@@ -185,11 +185,11 @@ def count_syncs(step: Callable[[], None], device: torch.device, steps: int) -> i
 
 
 def check_host_syncs(plan: Plan) -> list[Row]:
-    from model import build_model
-    from tools.bench import SHAPES, synthetic_batch
-    from train.config import MethodConfig, OptimConfig
-    from train.engine import build_optimizer
-    from train.step import SeparateForwards, train_step
+    from mgssl.model import build_model
+    from mgssl.tools.bench import SHAPES, synthetic_batch
+    from mgssl.train.config import MethodConfig, OptimConfig
+    from mgssl.train.engine import build_optimizer
+    from mgssl.train.step import SeparateForwards, train_step
 
     classes, channels, side = SHAPES[plan.sync_model]
     precision = "fp32" if plan.dry_run else "bf16"
@@ -221,8 +221,8 @@ def check_host_syncs(plan: Plan) -> list[Row]:
 
 
 def check_fidelity(plan: Plan, timeout: float) -> list[Row]:
-    from model import build_model
-    from tools.bench import SHAPES, fidelity, synthetic_batch
+    from mgssl.model import build_model
+    from mgssl.tools.bench import SHAPES, fidelity, synthetic_batch
 
     rows = []
     for model_name, batch_size, side in plan.fidelity_models:
@@ -242,13 +242,13 @@ def check_fidelity(plan: Plan, timeout: float) -> list[Row]:
             rows.append(Row("fidelity ∇ỹ", f"{model_name} {batch_size}+{batch_size} {side}px {precision}",
                             f"fd {cos['fd']:.6f}, jvp {cos['jvp']:.6f}", f"≥ {GOAL_FIDELITY}",
                             "ok" if worst >= GOAL_FIDELITY else "missed"))
-    if importlib.util.find_spec("tools.fidelity") is None:
+    if importlib.util.find_spec("mgssl.tools.fidelity") is None:
         rows.append(Row("tools.fidelity", "-", "skipped: tools.fidelity is not in this checkout", status="skipped"))
     else:
         # tools.fidelity computes on the CPU (fidelity is a property of the arithmetic): the paper's
         # Conv-Large batch on the check's machine, two images in the rehearsal.
         argv = ["--network", "convlarge", "--precision", "bf16"] + (["--batch", "2", "--threads", "1"] if plan.dry_run else [])
-        rc, text = run_module("tools.fidelity", argv, isolate=True, timeout=timeout)
+        rc, text = run_module("mgssl.tools.fidelity", argv, isolate=True, timeout=timeout)
         tail = " / ".join(text.strip().splitlines()[-3:])[:400]
         rows.append(Row("tools.fidelity", " ".join(argv), tail, status="ok" if rc == 0 else "FAIL"))
     return rows
@@ -264,9 +264,9 @@ def bench_rows(label: str, argv: list[str], plan: Plan, timeout: float, goals: b
     `flops_of`: an earlier summary whose FLOP counts this run shares
     (a compiled run is timed with --no-flops: the counter is a dispatch mode, which compiled graphs
     would have to be traced again under)."""
-    rc, text = run_module("tools.bench", argv + ["--json"], isolate=not plan.dry_run, timeout=timeout)
+    rc, text = run_module("mgssl.tools.bench", argv + ["--json"], isolate=not plan.dry_run, timeout=timeout)
     s = last_json(text) if rc == 0 else None
-    setting = f"{label}: python -m tools.bench {' '.join(argv)}"
+    setting = f"{label}: python -m mgssl.tools.bench {' '.join(argv)}"
     if s is None:
         return [Row("bench", setting, f"failed (rc {rc}): {text.strip()[-300:]}", status="FAIL")]
     summaries[label] = s
@@ -307,14 +307,14 @@ def train_run(plan: Plan, root: Path, out: Path, steps: int, extra: tuple, resum
     if not plan.dry_run:
         settings += [f"data.root={root}", "train.precision=bf16"]
     argv = [plan.run_config, "--out", str(out), *(["--resume"] if resume else []), "--set", *settings]
-    rc, text = run_module("train.cli", argv, isolate=not plan.dry_run, timeout=timeout)
+    rc, text = run_module("mgssl.train.cli", argv, isolate=not plan.dry_run, timeout=timeout)
     if rc != 0:
-        raise RuntimeError(f"python -m train {' '.join(argv)} failed (rc {rc}): {text.strip()[-300:]}")
+        raise RuntimeError(f"python -m mgssl.train {' '.join(argv)} failed (rc {rc}): {text.strip()[-300:]}")
     return json.loads((out / "final.json").read_text())
 
 
 def check_real_run(plan: Plan, root: Optional[Path], work: Path, timeout: float) -> list[Row]:
-    from train.metrics import read_metrics
+    from mgssl.train.metrics import read_metrics
 
     if root is None and not plan.dry_run:
         return [Row("CIFAR-10 run", "-", "skipped: pass --cifar DIR (a folder holding cifar-10-batches-py/)", status="skipped")]
@@ -351,7 +351,7 @@ def check_real_run(plan: Plan, root: Optional[Path], work: Path, timeout: float)
 def check_collectives(plan: Plan) -> list[Row]:
     import torch.distributed as dist
 
-    from train import distributed as D
+    from mgssl.train import distributed as D
 
     backend = "gloo" if plan.dry_run else "nccl"
     if dist.is_initialized():
@@ -392,7 +392,7 @@ def check_collectives(plan: Plan) -> list[Row]:
 
 
 def device_name(device: torch.device) -> str:
-    from tools.bench import device_name as name
+    from mgssl.tools.bench import device_name as name
 
     return name(device)
 
@@ -413,7 +413,7 @@ def markdown(rows: list[Row], header: dict) -> str:
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     plan = Plan.of(args.dry_run)
-    from train.engine import git_commit
+    from mgssl.train.engine import git_commit
 
     began = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -467,7 +467,7 @@ def main(argv=None) -> list[Row]:
                         "skipped in --dry-run: inductor's compile takes minutes on a CPU", status="skipped"))
     header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": device_name(plan.device),
               "torch": torch.__version__, "commit": git_commit(length=12), "python": platform.python_version(),
-              "command": "python -m tools.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": "python -m mgssl.tools.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
               "seconds": time.monotonic() - began,
               "skipped": "the DALI ImageNet reader (not installed on the GPU machine this check is sized for)"}
     text = markdown(rows, header)

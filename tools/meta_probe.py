@@ -1,4 +1,4 @@
-"""python -m tools.meta_probe CHECKPOINT_OR_RUN_DIR [--multipliers 0,0.1,1] [--batches 20] [--json PATH]
+"""python -m mgssl.tools.meta_probe CHECKPOINT_OR_RUN_DIR [--multipliers 0,0.1,1] [--batches 20] [--json PATH]
 
 Does the meta step make the pseudo labels better? For a saved network, on unlabeled training images
 whose true labels the data set knows, this compares ỹ = p(x_u) with ŷ = ỹ moved by the meta step,
@@ -34,10 +34,10 @@ def _images(data, subset: str, keep: int, gen: torch.Generator) -> tuple[torch.T
 def probe(path, *, multipliers: Sequence[float] = (0.0, 0.1, 0.3, 1.0, 3.0), batches: int = 20,
           lr: Optional[float] = None, mode: Optional[str] = None, seed: int = 0, data_root: Optional[str] = None,
           device: str = "cpu", warn=print) -> dict:
-    from tools.runs import restore
-    from train.losses import update_pseudo_labels
-    from train.meta import meta_targets, resolve_estimator
-    from train.step import pseudo_label_step
+    from mgssl.tools.runs import restore
+    from mgssl.train.losses import update_pseudo_labels
+    from mgssl.train.meta import meta_targets, resolve_estimator
+    from mgssl.train.step import pseudo_label_step
 
     restored = restore(path, data_root=data_root, device=device, warn=warn)
     cfg, net, data = restored.cfg, restored.net, restored.data
@@ -80,8 +80,8 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.meta_probe", description=__doc__.split("\n\n")[1],
-                                epilog="example:\n  python -m tools.meta_probe runs/digits-seed0 --multipliers 0,0.3,1,3",
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.meta_probe", description=__doc__.split("\n\n")[1],
+                                epilog="example:\n  python -m mgssl.tools.meta_probe runs/digits-seed0 --multipliers 0,0.3,1,3",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_OR_RUN_DIR")
     p.add_argument("--multipliers", type=_floats, default=[0.0, 0.1, 0.3, 1.0, 3.0],

@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tools.runs import at_common_steps
+from mgssl.tools.runs import at_common_steps
 
 # Figure 3 of the paper: labeled, unlabeled and test points in red, blue and gray.
 SUBSET_COLOURS = {"labeled": "tab:red", "unlabeled": "tab:blue", "test": "tab:gray"}

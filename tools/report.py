@@ -1,4 +1,4 @@
-"""python -m tools.report RUN_DIR [RUN_DIR ...] --out DIR
+"""python -m mgssl.tools.report RUN_DIR [RUN_DIR ...] --out DIR
 
 A markdown report (DIR/report.md) with PNG figures, made from finished run folders: the test
 accuracy curves of every variant, mean and spread over its seeds (the paper's Figure 1), the error
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tools.stats import PairedT, paired_t
-from tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
+from mgssl.tools.stats import PairedT, paired_t
+from mgssl.tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
                         experiment_key, select_runs)
 
 # The errors of final.json a table can show: key -> (column heading, what it is). The default,
@@ -338,7 +338,7 @@ def _pct(value) -> str:
 
 
 def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: str = "", warn=None) -> Report:
-    from tools import plots
+    from mgssl.tools import plots
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
     if metric not in METRICS:
@@ -432,9 +432,9 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.report", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  python -m tools.report runs/ --out runs/report\n")
+                                epilog="example:\n  python -m mgssl.tools.report runs/ --out runs/report\n")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run folders, or folders searched for run folders (those holding final.json)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="folder for report.md and its "
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
                    help=f"which error of final.json Table 4 and Figure 2 use (default: {DEFAULT_METRIC}, the "
                         "last evaluation; median_last_test_error: the median of the last train.keep_last_evals)")
     args = p.parse_args(argv)
-    command = "python -m tools.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m mgssl.tools.report " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         report = build_report(args.runs, args.out, args.metric, command)
     except RunSelectionError as e:

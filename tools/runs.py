@@ -1,4 +1,4 @@
-"""Reading the folders that `python -m train` writes, and restoring a saved network with its data.
+"""Reading the folders that `python -m mgssl.train` writes, and restoring a saved network with its data.
 
 A run folder holds final.json (written last, so its presence means the run finished), metrics.jsonl,
 config.yaml, runs.jsonl, labeled_split.json and checkpoints/last.pt."""
@@ -26,7 +26,7 @@ NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size
 # The switches that Table 4 varies, and the baseline switch.
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
 # The rows of an ablation study: the labeled-only baseline and Table 4's rows 1-4, each as the
-# `--set` overrides of `python -m train` that make it from a config that switches meta and mixup on
+# `--set` overrides of `python -m mgssl.train` that make it from a config that switches meta and mixup on
 # (every config in configs/ does). tools.ablation trains them into folders named <row>-s<seed>.
 TABLE4_ROWS = {
     "labeled": ("method.unlabeled=false", "method.meta=false", "method.mixup=false"),
@@ -157,8 +157,8 @@ def normalized_config(tree: dict) -> dict:
     their defaults, and method.estimator names the estimator that runs (`auto` resolved), so that
     an older run and a new one of the same experiment compare equal. A config today's code cannot
     read is compared as it was saved."""
-    from train.config import Config, from_dict, to_dict
-    from train.rundir import with_resolved_estimator
+    from mgssl.train.config import Config, from_dict, to_dict
+    from mgssl.train.rundir import with_resolved_estimator
 
     try:
         return flatten(with_resolved_estimator(to_dict(from_dict(Config, tree))))
@@ -182,7 +182,7 @@ def load_run(run_dir: Path) -> Run:
     except json.JSONDecodeError as e:
         raise RunSelectionError(f"{run_dir / FINAL} is not valid JSON ({e}); rerun the run or remove the folder") from e
     if "test_error" not in final:
-        raise RunSelectionError(f"{run_dir / FINAL} has no test_error; it was not written by `python -m train`")
+        raise RunSelectionError(f"{run_dir / FINAL} has no test_error; it was not written by `python -m mgssl.train`")
     return Run(run_dir, final, read_config(run_dir), read_evals(run_dir), read_commands(run_dir))
 
 
@@ -218,11 +218,11 @@ def select_runs(paths: Iterable, warn=print) -> tuple[list[Run], list[Path]]:
     finished, unfinished = find_runs(paths)
     for path in unfinished:
         warn(f"skipping {path}: no {FINAL} yet (still running, or stopped; finish it with "
-             f"`python -m train CONFIG --out {path} --resume`)")
+             f"`python -m mgssl.train CONFIG --out {path} --resume`)")
     if not finished:
         where = ", ".join(map(str, paths))
         raise RunSelectionError(f"no finished run (a folder holding {FINAL}) in or below {where}; "
-                                "train one with `python -m train digits --out runs/digits`")
+                                "train one with `python -m mgssl.train digits --out runs/digits`")
     runs = [load_run(p) for p in finished]
     name_runs(runs)
     runs.sort(key=lambda run: natural_key(run.name))
@@ -291,15 +291,15 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
     the labeled split saved beside it (without one the split is drawn again from the run's seed)."""
     import torch
 
-    from pipelines import build_data
-    from train import checkpoint as ckpt
-    from train.config import Config, from_dict
+    from mgssl.pipelines import build_data
+    from mgssl.train import checkpoint as ckpt
+    from mgssl.train.config import Config, from_dict
 
     checkpoint = checkpoint_path(path)
     state = ckpt.load(checkpoint)
     if "model" not in state or "config" not in state:
         raise ValueError(f"{checkpoint} has no 'model' and 'config' entries; it is not a checkpoint of "
-                         "`python -m train` (checkpoints/last.pt in a run folder is)")
+                         "`python -m mgssl.train` (checkpoints/last.pt in a run folder is)")
     config = dict(state["config"])
     config["data"] = dict(config.get("data", {}))
     if data_root is not None:

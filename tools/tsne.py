@@ -1,4 +1,4 @@
-"""python -m tools.tsne CHECKPOINT_OR_RUN_DIR [more ...] --out PNG
+"""python -m mgssl.tools.tsne CHECKPOINT_OR_RUN_DIR [more ...] --out PNG
 
 The paper's Figure 3: the features (model.forward_features) of the labeled, unlabeled and test
 images of a run's data set, embedded together in 2-D with t-SNE. One row per network: a panel per
@@ -45,8 +45,8 @@ def embed(features: list[np.ndarray], seed: int, perplexity: float = 30.0) -> li
 def tsne_figure(paths: list, *, max_points: int = 1000, data_root: Optional[str] = None, device: str = "cpu",
                 seed: int = 0, perplexity: float = 30.0, titles: Optional[list] = None, warn=print):
     """The figure and the points of each row: (Figure, [(title, {subset: (points, labels)})])."""
-    from tools import plots
-    from tools.runs import method_name, restore
+    from mgssl.tools import plots
+    from mgssl.tools.runs import method_name, restore
 
     rows, num_classes = [], 0
     for i, path in enumerate(paths):
@@ -63,8 +63,8 @@ def tsne_figure(paths: list, *, max_points: int = 1000, data_root: Optional[str]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.tsne", description=__doc__.split("\n\n")[1],
-                                epilog="example:\n  python -m tools.tsne runs/baseline runs/full --out runs/tsne.png",
+    p = argparse.ArgumentParser(prog="python -m mgssl.tools.tsne", description=__doc__.split("\n\n")[1],
+                                epilog="example:\n  python -m mgssl.tools.tsne runs/baseline runs/full --out runs/tsne.png",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT_OR_RUN_DIR",
                    help="checkpoint files, or run folders (their checkpoints/last.pt); one figure row each")
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from tools.plots import save
+    from mgssl.tools.plots import save
 
     save(fig, args.out, dpi=args.dpi)
     counts = ", ".join(f"{s} {len(rows[0][1][s][1])}" for s in SUBSETS)

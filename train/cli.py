@@ -1,24 +1,24 @@
-"""python -m train [CONFIG] [--set key=value ...] [--out DIR] [--resume [--allow-schedule-change]]"""
+"""python -m mgssl.train [CONFIG] [--set key=value ...] [--out DIR] [--resume [--allow-schedule-change]]"""
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from train.config import load_config, resolve_config_path
+from mgssl.train.config import load_config, resolve_config_path
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m train",
+        prog="python -m mgssl.train",
         description="Train a semi-supervised classifier with meta-gradient pseudo labels.",
         epilog="examples:\n"
-               "  python -m train digits\n"
-               "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
-               "  python -m train convlarge_cifar10_4k --set data.root=/data/cifar10 --resume\n"
-               "  torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m train resnet18_imagenet_10pct \\\n"
+               "  python -m mgssl.train digits\n"
+               "  python -m mgssl.train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
+               "  python -m mgssl.train convlarge_cifar10_4k --set data.root=/data/cifar10 --resume\n"
+               "  torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m mgssl.train resnet18_imagenet_10pct \\\n"
                "      --set data.root=/data/imagenet\n"
                "  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29400 \\\n"
-               "      --rdzv-id=imagenet -m train resnet18_imagenet_10pct --set data.root=/data/imagenet  (on each node)\n"
+               "      --rdzv-id=imagenet -m mgssl.train resnet18_imagenet_10pct --set data.root=/data/imagenet  (on each node)\n"
                "batch sizes are global (summed over all processes); see configs/README.md for every experiment.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="digits",
@@ -56,11 +56,11 @@ def main(argv=None) -> int:
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     resume = args.resume or restarts_allowed or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    from pipelines.dali import CorruptImageError  # these import torch: keep `--help` and config errors fast
-    from train.checkpoint import CheckpointError
-    from train.distributed import DeviceError
-    from train.engine import NonFiniteLossError, RanksDivergedError, run
-    from train.rundir import EXIT_STOPPED, RunFolderError, RunStopped, continue_command
+    from mgssl.pipelines.dali import CorruptImageError  # these import torch: keep `--help` and config errors fast
+    from mgssl.train.checkpoint import CheckpointError
+    from mgssl.train.distributed import DeviceError
+    from mgssl.train.engine import NonFiniteLossError, RanksDivergedError, run
+    from mgssl.train.rundir import EXIT_STOPPED, RunFolderError, RunStopped, continue_command
 
     # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
     # keeps its traceback.

@@ -13,10 +13,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from model import MODELS, ModelConfig
-from pipelines.config import DataConfig
-from train.compiling import compile_mode
-from train.meta import ESTIMATORS
+from mgssl.model import MODELS, ModelConfig
+from mgssl.pipelines.config import DataConfig
+from mgssl.train.compiling import compile_mode
+from mgssl.train.meta import ESTIMATORS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

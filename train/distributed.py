@@ -42,7 +42,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 def setup(device_choice: str) -> Dist:
-    """Reads torchrun's environment; a plain `python -m train` is one process."""
+    """Reads torchrun's environment; a plain `python -m mgssl.train` is one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

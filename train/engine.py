@@ -10,17 +10,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipelines import build_data, check_global_batch
-from train import checkpoint as ckpt
-from train.backends import BackendFlags, backend_flags
-from train.compiling import compiled
-from train import distributed as D
-from train import rundir
-from train.config import Config, OptimConfig, to_dict
-from train.evaluate import error_counts, errors_from_counts
-from train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
-from train.schedule import RunPlan, consistency_weight, learning_rate, plan
-from train.step import SeparateForwards, autocast_for, train_step
+from mgssl.pipelines import build_data, check_global_batch
+from mgssl.train import checkpoint as ckpt
+from mgssl.train.backends import BackendFlags, backend_flags
+from mgssl.train.compiling import compiled
+from mgssl.train import distributed as D
+from mgssl.train import rundir
+from mgssl.train.config import Config, OptimConfig, to_dict
+from mgssl.train.evaluate import error_counts, errors_from_counts
+from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
+from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
+from mgssl.train.step import SeparateForwards, autocast_for, train_step
 
 
 class NonFiniteLossError(RuntimeError):

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from train.compiling import compiled as compile_with
-from train.losses import fp32_or_wider
+from mgssl.train.compiling import compiled as compile_with
+from mgssl.train.losses import fp32_or_wider
 
 ESTIMATORS = ("auto", "fd", "jvp", "exact")
 

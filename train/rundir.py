@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from pipelines import SPLIT_FILE, DataConfig, LabelSplit
-from train import checkpoint as ckpt
-from train import distributed as D
-from train.config import Config, config_diff, from_dict, to_dict
-from train.meta import resolve_estimator
-from train.runlock import RunFolderError, lock_run_folder
-from train.schedule import learning_rate, plan
+from mgssl.pipelines import SPLIT_FILE, DataConfig, LabelSplit
+from mgssl.train import checkpoint as ckpt
+from mgssl.train import distributed as D
+from mgssl.train.config import Config, config_diff, from_dict, to_dict
+from mgssl.train.meta import resolve_estimator
+from mgssl.train.runlock import RunFolderError, lock_run_folder
+from mgssl.train.schedule import learning_rate, plan
 
 FINAL = "final.json"
 # Everything a run writes into its folder: a fresh start refuses a folder that holds any of them.
@@ -174,11 +174,11 @@ def data_config(cfg: DataConfig, run_dir: Path, state: Optional[dict]) -> DataCo
 
 def launch_command(argv: list[str]) -> str:
     """The command as typed, as near as the process can tell (torchrun shows up in its environment)."""
-    cmd = [Path(sys.executable).name, "-m", "train", *argv]
+    cmd = [Path(sys.executable).name, "-m", "mgssl.train", *argv]
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
         cmd = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
                f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
-               f"--max-restarts={os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')}", "-m", "train", *argv]
+               f"--max-restarts={os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')}", "-m", "mgssl.train", *argv]
     return " ".join(cmd)
 
 

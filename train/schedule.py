@@ -3,7 +3,7 @@ the run's length in steps."""
 import math
 from dataclasses import dataclass
 
-from train.config import Config, OptimConfig
+from mgssl.train.config import Config, OptimConfig
 
 
 @dataclass

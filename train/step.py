@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.compiling import begin_step
-from train.config import MethodConfig
-from train.losses import (consistency_mse, fp32_or_wider, mixup_pairs, one_hot, soft_target_kl,
+from mgssl.train.compiling import begin_step
+from mgssl.train.config import MethodConfig
+from mgssl.train.losses import (consistency_mse, fp32_or_wider, mixup_pairs, one_hot, soft_target_kl,
                           update_pseudo_labels)
-from train.meta import GradReducer, meta_targets
+from mgssl.train.meta import GradReducer, meta_targets
 
 
 class SeparateForwards(nn.Module):
