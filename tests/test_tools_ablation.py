@@ -74,17 +74,17 @@ def test_a_finished_run_with_other_settings_is_refused_before_anything_trains(tm
     assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["none-s0"]
 
 
-def test_the_rows_are_the_readme_overrides_and_win_over_set(tmp_path):
+def test_the_rows_are_the_readme_overrides_and_win_over_set_and_run_seed_by_seed(tmp_path):
     runs = ablation.plan("digits", [0, 2], ["labeled", "none", "meta", "mixup", "both"], ["train.steps=5"],
                          tmp_path)
-    assert [r.name for r in runs] == ["labeled-s0", "labeled-s2", "none-s0", "none-s2", "meta-s0", "meta-s2",
-                                      "mixup-s0", "mixup-s2", "both-s0", "both-s2"]
-    none = runs[2]
+    assert [r.name for r in runs] == ["labeled-s0", "none-s0", "meta-s0", "mixup-s0", "both-s0",
+                                      "labeled-s2", "none-s2", "meta-s2", "mixup-s2", "both-s2"]
+    none = runs[1]
     assert none.argv == ["digits", "--out", str(tmp_path / "none-s0"), "--set", "seed=0", "train.steps=5",
                          "method.meta=false", "method.mixup=false"]
     assert none.config["method"]["meta"] is False and none.config["train"]["steps"] == 5
     assert [(r.config["method"]["unlabeled"], r.config["method"]["meta"], r.config["method"]["mixup"])
-            for r in runs[::2]] == [(False, False, False), (True, False, False), (True, True, False),
+            for r in runs[:5]] == [(False, False, False), (True, False, False), (True, True, False),
                                     (True, False, True), (True, True, True)]
 
 

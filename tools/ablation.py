@@ -1,7 +1,7 @@
 """python -m mgssl.tools.ablation CONFIG --seeds 0-2 [--rows labeled,none,meta,mixup,both] [--set k=v ...] --out DIR
 
-A Table-4 study as one command: every row x seed is its own run of `python -m mgssl.train`, in the run
-folder DIR/<row>-s<seed>, then the report of tools.report (the table, the paired comparisons of the
+A Table-4 study as one command: every row x seed is its own run of `python -m mgssl.train`, seed by
+seed, in the run folder DIR/<row>-s<seed>, then the report of tools.report (the table, the paired comparisons of the
 meta term on and off and of each row against labeled-only, the curves) is written to DIR/report.md.
 
 The rows are the labeled-only baseline and the paper's Table-4 rows 1-4 (tools/runs.py, TABLE4_ROWS):
@@ -88,8 +88,9 @@ def plan(config: str, seeds: list[int], rows: list[str], sets: list[str], out: P
         if key == "seed":
             raise StudyError("--set seed=...: the study sets the seed of each run; use --seeds instead")
     planned = []
-    for row in rows:
-        for seed in seeds:
+    # Seed by seed, so that a study stopped part-way holds complete seeds to compare row against row.
+    for seed in seeds:
+        for row in rows:
             # The row's switches come last, so that they win over --set.
             overrides = [f"seed={seed}", *sets, *TABLE4_ROWS[row]]
             try:
