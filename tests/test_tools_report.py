@@ -12,7 +12,7 @@ from PIL import Image
 from tool_runs import RUNS, shared_runs
 from mgssl.tools import plots
 from mgssl.tools.report import build_report, main
-from mgssl.tools.runs import RunSelectionError, read_evals, select_runs
+from mgssl.tools.runs import RunSelectionError, read_evals, read_metric_rows, select_runs
 
 pytestmark = pytest.mark.slow
 
@@ -67,11 +67,27 @@ def assert_png(path, fig):
 
 def test_the_report_and_its_figures_are_written(report):
     assert report.path.is_file()
-    assert sorted(report.figures) == ["accuracy_curves", "error_vs_labels"]
+    assert sorted(report.figures) == ["accuracy_curves", "error_vs_labels", "meta_signal"]
     for path, fig in report.figures.values():
         assert path.parent == report.path.parent
         assert f"]({path.name})" in report.path.read_text()
         assert_png(path, fig)
+
+
+def test_the_meta_signal_figure_draws_the_logged_gradient_norm_and_label_update_of_the_meta_variants(report, runs_root):
+    _, fig = report.figures["meta_signal"]
+    grad_ax, shift_ax = fig.axes
+    grads = {line.get_label(): line for line in grad_ax.get_lines()}
+    assert set(grads) == {"meta · data.labels=50 (1 seed)", "meta + mixup · data.labels=100 (1 seed)",
+                          "meta + mixup · data.labels=50 (2 seeds)"}  # the variants without meta log neither
+    seeds = [read_metric_rows(runs_root / f"labels50/full-s{s}", "train") for s in (0, 1)]
+    full = grads["meta + mixup · data.labels=50 (2 seeds)"]
+    assert list(full.get_xdata()) == [r["step"] for r in seeds[0]]
+    assert list(full.get_ydata()) == pytest.approx([(a["labeled_grad_norm"] + b["labeled_grad_norm"]) / 2
+                                                    for a, b in zip(*seeds)])
+    shift = {line.get_label(): line for line in shift_ax.get_lines()}["meta · data.labels=50 (1 seed)"]
+    rows = read_metric_rows(runs_root / "labels50/meta-s0", "train")
+    assert list(shift.get_ydata()) == pytest.approx([r["pseudo_label_shift"] for r in rows])
 
 
 def test_figure1_draws_one_line_per_variant_with_the_spread_of_its_seeds(report, runs_root):

@@ -70,6 +70,27 @@ def accuracy_curves(variants: list[tuple[str, list[list[dict]]]], title: str = "
     return fig
 
 
+def meta_signal_curves(variants: list[tuple[str, list[list[dict]]]]) -> Figure:
+    """What drives the meta step, against training steps: the norm of the labeled gradient g and the
+    mean L1 size of the pseudo-label update ‖ŷ − ỹ‖₁, one line per variant (mean over its seeds).
+    `variants`: [(name, [the training log rows of each seed])]; variants without the meta term log neither."""
+    fig = new_figure(11, 3.8)
+    axes = fig.subplots(1, 2)
+    for ax, (key, label) in zip(axes, (("labeled_grad_norm", "‖g‖, labeled gradient norm"),
+                                       ("pseudo_label_shift", "‖ŷ − ỹ‖₁, pseudo-label update"))):
+        for name, seeds in variants:
+            steps, values = at_common_steps(seeds, key)
+            if steps:
+                ax.plot(steps, np.mean(values, axis=0), label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if any(ax.lines for ax in axes):
+        axes[0].legend(fontsize="small", loc="best")
+    return fig
+
+
 def error_vs_labels(panels: list[tuple[str, dict]]) -> Figure:
     """Figure 2: test error (%) against the number of labels, one panel per data set, one line per
     method, mean ± std over seeds as error bars. `panels`: [(title, {method: [(labels, mean, std)]})]."""

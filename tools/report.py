@@ -18,7 +18,7 @@ from typing import Optional
 
 from mgssl.tools.stats import PairedT, paired_t
 from mgssl.tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
-                        experiment_key, select_runs)
+                        experiment_key, read_metric_rows, select_runs)
 
 # The errors of final.json a table can show: key -> (column heading, what it is). The default,
 # test_error, is the last evaluation, the number SSL papers report at the end of training.
@@ -30,6 +30,7 @@ DEFAULT_METRIC = "test_error"
 # Table 4's rows in the paper's order: (unlabeled, meta, mixup); the labeled-only baseline first.
 ABLATION_ROWS = tuple(TABLE4_VARIANTS.values())
 FIGURE1, FIGURE2 = "accuracy_curves.png", "error_vs_labels.png"
+META_SIGNAL = "meta_signal.png"
 
 
 @dataclass
@@ -380,6 +381,16 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
             md += ["No evaluations in metrics.jsonl, so no curve, for: " + ", ".join(missing), ""]
     else:
         md += ["None of the runs has evaluations in metrics.jsonl.", ""]
+
+    meta_variants = [(label, [read_metric_rows(r.path, "train") for r in members])
+                     for label, members in report.curve_variants if members[0].meta]
+    if any(rows for _, seeds in meta_variants for rows in seeds):
+        fig = plots.meta_signal_curves(meta_variants)
+        report.figures["meta_signal"] = (plots.save(fig, out / META_SIGNAL), fig)
+        md += ["### The meta signal during training", "", f"![labeled gradient norm and pseudo-label update]({META_SIGNAL})",
+               "", "The norm of the labeled gradient g that moves the pseudo labels, and the mean L1 size of "
+               "the move ‖ŷ − ỹ‖₁, from the training log (mean over seeds): where both fade, the meta term "
+               "has stopped acting.", ""]
 
     md += ["## Error against the number of labels (Figure 2)", ""]
     report.labels_panels = labels_panels(runs, metric)

@@ -127,6 +127,11 @@ def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
 
 def read_evals(run_dir: Path) -> list[dict]:
     """Test evaluations from metrics.jsonl; a resumed run may repeat a step, and its later row wins."""
+    return read_metric_rows(run_dir, "eval")
+
+
+def read_metric_rows(run_dir: Path, kind: str) -> list[dict]:
+    """The rows of one kind ("eval", "train") from metrics.jsonl, one per step, in step order."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
@@ -139,7 +144,7 @@ def read_evals(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut by a crash mid-write: skip it, keep the rest
             print(f"warning: {path}:{number} is not JSON; skipped", file=sys.stderr)
             continue
-        if row.get("kind") == "eval" and "step" in row:
+        if row.get("kind") == kind and "step" in row:
             by_step[int(row["step"])] = row
     return [by_step[s] for s in sorted(by_step)]
 
