@@ -160,7 +160,9 @@ def probe(path, *, multipliers: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0), ba
 
 
 def plot(results: list[dict], out: Path) -> None:
-    """ΔH against the multiplier, one panel per set, one colour per checkpoint; controls dashed and dotted."""
+    """ΔH against the multiplier, one panel per set, one colour per checkpoint; controls dashed and dotted.
+    ΔH is drawn in units of the labeled control's descent on the g batch at the same multiplier (which is
+    thus −1), so that checkpoints whose learning rates differ by 100x share one scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,16 +171,17 @@ def plot(results: list[dict], out: Path) -> None:
     colours = plt.cm.viridis([i / max(1, len(results) - 1) for i in range(len(results))])
     for result, colour in zip(results, colours):
         ms = [r["multiplier"] for r in result["rows"]]
+        unit = [abs(r["labeled/g-batch"]) or float("nan") for r in result["rows"]]
         for ax, s in zip(axes, SETS):
             for v, style in zip(VARIANTS, ("-", "--", ":")):
-                ax.plot(ms, [r[f"{v}/{s}"] for r in result["rows"]], style, color=colour, marker="o" if v == "meta" else None,
+                ax.plot(ms, [r[f"{v}/{s}"] / u for r, u in zip(result["rows"], unit)], style, color=colour, marker="o" if v == "meta" else None,
                         ms=3, label=f"step {result['step']} {v}" if s == SETS[0] else None)
     for ax, s in zip(axes, SETS):
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_title(f"ΔH on {s}")
         ax.set_xlabel("multiplier of the run's pseudo-label step")
-    axes[0].set_ylabel("labeled loss after the step − before")
+    axes[0].set_ylabel("ΔH / |ΔH of the labeled step on the g batch|")
     axes[0].legend(fontsize=6, ncol=1)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
