@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import mgssl
 from mgssl.pipelines import SPLIT_FILE, DataConfig, LabelSplit
 from mgssl.train import checkpoint as ckpt
 from mgssl.train import distributed as D
@@ -187,12 +188,13 @@ def continue_command(argv: list[str]) -> str:
 
 
 def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, start: int, split: LabelSplit,
-                      git_commit: str, backend_flags: dict) -> None:
+                      git_commit: Optional[str], backend_flags: dict) -> None:
     if not d.is_main:
         return
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     split.save(run_dir / SPLIT_FILE)
-    info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit, "estimator": run_estimator(cfg),
+    info = {"command": launch_command(argv), "argv": argv, "mgssl_version": mgssl.__version__,
+            "git_commit": git_commit, "estimator": run_estimator(cfg),
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "host": socket.gethostname(),
