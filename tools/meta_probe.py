@@ -80,7 +80,7 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.meta_probe", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="mgssl meta-probe", description=__doc__.split("\n\n")[1],
                                 epilog="example:\n  python -m mgssl.tools.meta_probe runs/digits-seed0 --multipliers 0,0.3,1,3",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_OR_RUN_DIR")
