@@ -74,6 +74,7 @@ def test_installed_it_trains_from_a_folder_with_its_own_model_and_train_modules(
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         started = json.loads((user / out / "runs.jsonl").read_text())
+        assert started["command"].startswith("mgssl train digits" if out == "a" else "python")
         assert started["mgssl_version"] == wheel.name.split("-")[1] and started["git_commit"] is None
         assert json.loads((user / out / "final.json").read_text())["steps"] == 2
     where = subprocess.run([sys.executable, "-c", "import mgssl.train, mgssl.configs; print(mgssl.train.__file__)"],

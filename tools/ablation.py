@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         if gpus:
-            print(f"# one run per GPU; each later run takes the GPU that comes free first (shown: in turn)")
+            print("# one run per GPU; each later run takes the GPU that comes free first (shown: in turn)")
         for i, run in enumerate(runs):
             gpu = f"CUDA_VISIBLE_DEVICES={gpus[i % len(gpus)]} " if gpus else ""
             print(f"{gpu}OMP_NUM_THREADS={args.threads} python -m mgssl.train {shlex.join(run.argv)}")

@@ -176,6 +176,8 @@ def data_config(cfg: DataConfig, run_dir: Path, state: Optional[dict]) -> DataCo
 def launch_command(argv: list[str]) -> str:
     """The command as typed, as near as the process can tell (torchrun shows up in its environment)."""
     cmd = [Path(sys.executable).name, "-m", "mgssl.train", *argv]
+    if Path(sys.argv[0]).name == "mgssl":  # the console command (mgssl/cli.py)
+        cmd = ["mgssl", "train", *argv]
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
         cmd = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
                f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
