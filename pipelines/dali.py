@@ -46,7 +46,7 @@ class DaliUnavailableError(RuntimeError):
 
 # The DALI wheels, one per CUDA major version, and the extra of setup.cfg that installs each.
 DALI_WHEELS = {12: "nvidia-dali-cuda120", 13: "nvidia-dali-cuda130"}
-INSTALL_HINT = ('pip install "mgssl[cuda12]" (NVIDIA driver 525 or newer, or no GPU) or '
+INSTALL_HINT = ('pip install "mgssl[cuda12]" (NVIDIA driver 525.60 or newer, or no GPU) or '
                 'pip install "mgssl[cuda13]" (driver 580 or newer)')
 
 

@@ -40,7 +40,7 @@ def test_ci_installs_as_the_readme_says(repo_root):
 
 
 @pytest.mark.parametrize("importable, wheels, driver, expected", [
-    (False, {}, None, 'pip install "mgssl[cuda12]" (NVIDIA driver 525 or newer, or no GPU) or pip install '
+    (False, {}, None, 'pip install "mgssl[cuda12]" (NVIDIA driver 525.60 or newer, or no GPU) or pip install '
                       '"mgssl[cuda13]" (driver 580 or newer)'),
     (True, {13: "nvidia-dali-cuda130"}, 12, 'pip uninstall nvidia-dali-cuda130 && pip install "mgssl[cuda12]"'),
     (True, {13: "nvidia-dali-cuda130"}, 11, "needs a driver for CUDA 13; update the driver"),
