@@ -21,7 +21,7 @@ MODELS = {
 
 @dataclass
 class ModelConfig:
-    name: str = "digits_cnn"  # one of MODELS
+    name: str = "digits_cnn"  # convlarge | shakeshake26 | resnet18 | digits_cnn
     channels_last: bool = True  # NHWC activations: the fast layout for convs on tensor cores
     width: Optional[float] = None  # channel multiplier (convlarge); null: the published network
     dropout: Optional[float] = None  # dropout probability (convlarge, digits_cnn); null: the network's own

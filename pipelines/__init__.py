@@ -46,7 +46,10 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
     and `.split`, whichever pipeline serves the data set."""
     check_global_batch(cfg, world_size)
     if cfg.name == "imagenet":
+        from mgssl.pipelines.dali import require_dali
         from mgssl.pipelines.folders import load_image_folders
+
+        require_dali(gpu=str(device).startswith("cuda"))  # before any file is read: one line naming the extra
         from mgssl.pipelines.imagenet import ImageFolderData
 
         folders = load_image_folders(cfg.root, cfg.name)

@@ -7,7 +7,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet")
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # one of DATASETS
+    name: str = "digits"  # digits | cifar10 | cifar100 | svhn | imagenet
     root: Optional[str] = None  # folder holding the data set files (not needed for digits)
     labels: Union[int, float] = 50  # int: labeled images, equal per class; float < 1: fraction of each class
     split_file: Optional[str] = None  # reuse the labeled split saved by another run

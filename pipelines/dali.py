@@ -40,6 +40,77 @@ class CorruptImageError(RuntimeError):
     pass
 
 
+class DaliUnavailableError(RuntimeError):
+    """DALI is not installed, or its build does not fit this machine: one line naming the extra to install."""
+
+
+# The DALI wheels, one per CUDA major version, and the extra of setup.cfg that installs each.
+DALI_WHEELS = {12: "nvidia-dali-cuda120", 13: "nvidia-dali-cuda130"}
+INSTALL_HINT = ('pip install "mgssl[cuda12]" (NVIDIA driver 525.60 or newer, or no GPU) or '
+                'pip install "mgssl[cuda13]" (driver 580 or newer)')
+
+
+def installed_dali_wheels() -> dict[int, str]:
+    """CUDA major -> the DALI wheel of it that is installed."""
+    from importlib import metadata
+
+    found = {}
+    for major, name in DALI_WHEELS.items():
+        try:
+            metadata.version(name)
+            found[major] = name
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def dali_problem(importable: bool, wheels: dict[int, str], driver_cuda: Optional[int]) -> Optional[str]:
+    """What keeps DALI from running here, in one line, or None. `driver_cuda`: the CUDA major version the
+    GPU driver supports (None: no GPU is used, and DALI's CPU operators run with any of its wheels)."""
+    if len(wheels) > 1:
+        names = " and ".join(wheels.values())
+        keep = wheels.get(driver_cuda) if driver_cuda is not None else None
+        which = f"keep {keep}" if keep else "keep the one of the machine's CUDA"
+        return (f"{names} are both installed and share one import name (nvidia.dali); {which} and "
+                f"pip uninstall the other")
+    if not importable:
+        return f"the ImageNet-folder pipeline needs NVIDIA DALI, which is not installed: {INSTALL_HINT}"
+    if driver_cuda is not None and wheels:
+        (major, name), = wheels.items()
+        if major > driver_cuda:
+            return (f"{name} is built for CUDA {major}, but this machine's NVIDIA driver supports CUDA {driver_cuda}: "
+                    f'pip uninstall {name} && pip install "mgssl[cuda{driver_cuda}]"'
+                    if driver_cuda in DALI_WHEELS else f"{name} needs a driver for CUDA {major}; update the driver")
+    return None
+
+
+def driver_cuda_major() -> Optional[int]:
+    """The CUDA major version that the GPU driver supports (cuDriverGetVersion), or None without one."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000
+
+
+def require_dali(gpu: bool) -> None:
+    """Raise DaliUnavailableError, naming the extra to install, where DALI cannot run the pipeline (on a
+    GPU where `gpu`, else on the CPU)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        importable = True
+    except ImportError:
+        importable = False
+    problem = dali_problem(importable, installed_dali_wheels(), driver_cuda_major() if gpu else None)
+    if problem:
+        raise DaliUnavailableError(problem)
+
+
 @dataclass(frozen=True)
 class Transform:
     """What happens to a decoded image.

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import mgssl
 from mgssl.train import checkpoint as ckpt
 from mgssl.train.config import OptimConfig, load_config
-from mgssl.train.engine import run
+from mgssl.train.engine import git_commit, run
 from mgssl.train.rundir import RunFolderError
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import read_metrics, summarize_evals
@@ -74,7 +75,8 @@ def test_a_run_folder_holds_config_command_commit_metrics_and_result(tmp_path):
                                                          "runs.jsonl", "tensorboard"]
     assert load_config(str(tmp_path / "config.yaml")) == digits("train.tensorboard=true")
     started = json.loads((tmp_path / "runs.jsonl").read_text())
-    assert started["command"].endswith("-m mgssl.train digits --set train.steps=12") and started["git_commit"]
+    assert started["command"].endswith("-m mgssl.train digits --set train.steps=12")
+    assert started["git_commit"] == git_commit() and started["mgssl_version"] == mgssl.__version__
     assert started["estimator"] == "fd"  # method.estimator=auto in an fp32 run
     final = json.loads((tmp_path / "final.json").read_text())
     assert final == json.loads(json.dumps(summary))

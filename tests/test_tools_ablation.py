@@ -1,8 +1,10 @@
 """tools.ablation on tiny digits runs: which runs it trains, skips, leaves alone and resumes, and
 that run folders made by hand with `python -m mgssl.train` are the same runs."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,7 +93,8 @@ def test_the_rows_are_the_readme_overrides_and_win_over_set_and_run_seed_by_seed
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0-x"], "--seeds"), (["--seeds", "0,0"], "each seed once"), (["--rows", "none,4"], "--rows"),
     (["--set", "seed=3"], "use --seeds"), (["--set", "method.mixup=false"], "row mixup would train"),
-    (["--set", "optim.lrr=1"], "did you mean 'optim.lr'"), (["--jobs", "0"], "at least 1")])
+    (["--set", "optim.lrr=1"], "did you mean 'optim.lr'"), (["--jobs", "0"], "at least 1"),
+    (["--gpus", "0,1", "--jobs", "3"], "one run per GPU"), (["--gpus", "0,0"], "each GPU once")])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
     argv = ["digits", "--out", str(tmp_path / "s")] + (["--seeds", "0"] if "--seeds" not in args else []) + args
     assert ablation.main(argv) == 2
@@ -117,6 +120,58 @@ def test_stop_interrupts_each_run_as_ctrl_c_would():
     log, said = Log(), []
     ablation.stop({proc: (None, 0.0, log)}, said.append)
     assert proc.returncode == 130 and log.closed and not said
+
+
+def test_a_dry_run_with_gpus_gives_each_job_its_own_gpu(tmp_path, capsys):
+    assert ablation.main(["digits", "--seeds", "0-1", "--rows", "none,both", "--out", str(tmp_path / "s"),
+                          "--gpus", "2,3", "--dry-run", "--set", "train.steps=5"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert [c.split()[0] for c in commands] == ["CUDA_VISIBLE_DEVICES=2", "CUDA_VISIBLE_DEVICES=3"] * 2
+    assert all("python -m mgssl.train digits --out" in c for c in commands)
+    assert not (tmp_path / "s").exists()
+
+
+def test_with_gpus_each_running_job_sees_its_own_gpu_and_a_freed_gpu_is_reused(tmp_path, monkeypatch):
+    started = []  # (run name, CUDA_VISIBLE_DEVICES, GPUs of the runs still running then)
+
+    class FakeRun:
+        """Stands in for a training process: finishes after a few polls (the first started, first)."""
+        running = []
+
+        def __init__(self, argv, env, **kwargs):
+            self.name = Path(argv[argv.index("--out") + 1]).name
+            self.gpu, self.polls, self.returncode = env.get("CUDA_VISIBLE_DEVICES"), 0, None
+            started.append((self.name, self.gpu, sorted(r.gpu for r in FakeRun.running)))
+            FakeRun.running.append(self)
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 1 and self is FakeRun.running[0]:
+                FakeRun.running.remove(self)
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
+    runs = ablation.plan("digits", [0, 1], ["none", "both"], ["train.steps=5"], tmp_path / "s")
+    failed = ablation.run_all(runs, jobs=1, threads=1, out=tmp_path / "s", gpus=["0", "1"], say=lambda t: None)
+    assert len(failed) == 4  # the stand-ins write no final.json
+    assert [name for name, _, _ in started] == ["none-s0", "both-s0", "none-s1", "both-s1"]
+    assert [gpu for _, gpu, _ in started] == ["0", "1", "0", "1"]  # none-s0 ends first and frees GPU 0
+    assert all(gpu not in others for _, gpu, others in started) and max(len(o) for *_, o in started) == 1
+    log = (tmp_path / "s" / "logs" / "both-s1.log").read_text()
+    assert log.startswith("$ CUDA_VISIBLE_DEVICES=1 ") and "-m mgssl.train digits --out" in log
+
+
+def test_a_job_without_gpus_keeps_the_environment_and_imports_this_mgssl():
+    import mgssl
+
+    env = ablation.child_env(3)
+    assert env["OMP_NUM_THREADS"] == "3" and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get(
+        "CUDA_VISIBLE_DEVICES")
+    assert ablation.child_env(1, "5")["CUDA_VISIBLE_DEVICES"] == "5"
+    root = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert (Path(root) / "mgssl" / "__init__.py").resolve() == Path(mgssl.__file__).resolve()
 
 
 def test_seeds_parse_as_ranges_and_lists():

@@ -139,7 +139,13 @@ def test_figure2_plots_mean_and_std_over_seeds_against_labels(report, runs_root)
 def test_table4_holds_the_final_errors_of_the_runs(report, runs_root):
     final = finals(runs_root)
     text = section(report.path.read_text(), "## Ablation")
-    assert "50 labels" in text and "100 labels" not in text  # 100 labels has only the full method
+    # 100 labels has two rows, labeled-only and row 4: a table of its own with their paired comparison
+    text, hundred = text.split("**digits · digits_cnn · 100 labels")
+    table100, gains100, _ = markdown_tables(hundred)
+    assert [r[0] for r in table100[1:]] == ["labeled-only", "4"] and [r[0] for r in gains100[1:]] == [
+        "row 4 − labeled only"]
+    difference = 100 * (final["labels100/full-s0"]["test_error"] - final["labels100/baseline-s0"]["test_error"])
+    assert gains100[1][1:3] == ["1", f"s0 {difference:+.2f}"]
     # Table 4, meta on vs off, each row vs labeled-only, where rows pass labeled-only
     table, paired, gains, passing = markdown_tables(text)
     assert passing[0][0] == "Row" and len(passing) == 1 + sum(1 for row in table[1:] if row[0] != "labeled-only")
@@ -336,18 +342,20 @@ def test_overtaking_finds_the_first_step_below_and_the_step_from_which_it_stays_
 def test_the_report_says_where_each_row_passes_labeled_only(report):
     from mgssl.tools.report import mean_errors
 
-    ((title, found),) = report.overtaking
-    (table,) = [t for t in report.tables if t.title == title]
-    members = {(u, m, x): runs for u, m, x, _, runs in table.rows}
-    assert sorted(o.method for o in found) == sorted(runs[0].method for v, runs in members.items() if v[0])
-    base = mean_errors([r.evals for r in members[(False, False, False)]])
-    for o in found:
-        (runs,) = [rs for v, rs in members.items() if v[0] and rs[0].method == o.method]
-        curve = mean_errors([r.evals for r in runs])
-        if o.first_below is not None:
-            assert curve[o.first_below] < base[o.first_below]
-            assert all(curve[s] >= base[s] for s in base if s < o.first_below and s in curve)
-        if o.below_from is not None:
-            assert all(curve[s] < base[s] for s in base if s >= o.below_from and s in curve)
+    # one table per label count: 50 labels (all rows) and 100 labels (labeled-only and row 4)
+    assert len(report.overtaking) == 2
+    for title, found in report.overtaking:
+        (table,) = [t for t in report.tables if t.title == title]
+        members = {(u, m, x): runs for u, m, x, _, runs in table.rows}
+        assert sorted(o.method for o in found) == sorted(runs[0].method for v, runs in members.items() if v[0])
+        base = mean_errors([r.evals for r in members[(False, False, False)]])
+        for o in found:
+            (runs,) = [rs for v, rs in members.items() if v[0] and rs[0].method == o.method]
+            curve = mean_errors([r.evals for r in runs])
+            if o.first_below is not None:
+                assert curve[o.first_below] < base[o.first_below]
+                assert all(curve[s] >= base[s] for s in base if s < o.first_below and s in curve)
+            if o.below_from is not None:
+                assert all(curve[s] < base[s] for s in base if s >= o.below_from and s in curve)
     text = report.path.read_text()
     assert "Where each row passes labeled-only" in section(text, "## Ablation")

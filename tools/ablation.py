@@ -13,9 +13,12 @@ The rows are the labeled-only baseline and the paper's Table-4 rows 1-4 (tools/r
 Run i is `python -m mgssl.train CONFIG --out DIR/<row>-s<seed> --set seed=<seed> [--set ...] <row overrides>`,
 so folders made by hand with that command are the same runs. A finished run (final.json present)
 is skipped; an unfinished one is continued with `--resume` only when --resume is given (without it,
-it may be one that is still training, and it is left alone). Each run's output goes to DIR/logs/."""
+it may be one that is still training, and it is left alone). Each run's output goes to DIR/logs/.
+On a machine with several GPUs, `--gpus 0,1,2,3` trains one run per GPU at a time: each run sees only
+its own GPU (CUDA_VISIBLE_DEVICES) and takes the next GPU that comes free."""
 import argparse
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -25,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import mgssl
 from mgssl.tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, TABLE4_VARIANTS, is_run_dir, normalized_config
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The folder that holds the mgssl package: site-packages for an install, the checkout for a source tree.
+PACKAGE_ROOT = Path(mgssl.__file__).resolve().parent.parent
 LOGS = "logs"
 STOP_GRACE_S = 120  # how long a stopped run may take to leave (on a busy machine, tens of seconds)
 PROGRESS_EVERY_S = 30
@@ -160,12 +165,27 @@ def last_step(run_dir: Path) -> Optional[int]:
     return None
 
 
-def child_env(threads: int) -> dict:
+def parse_gpus(text: str) -> list[str]:
+    """'0,1,2,3' -> ['0', '1', '2', '3']: CUDA device indices (or UUIDs), each once."""
+    gpus = [g.strip() for g in text.split(",")]
+    if not gpus or not all(re.fullmatch(r"[\w-]+", g) for g in gpus) or len(set(gpus)) != len(gpus):
+        raise StudyError(f"--gpus {text!r}: give each GPU once, comma-separated, as CUDA numbers them (e.g. 0,1,2,3)")
+    return gpus
+
+
+def child_env(threads: int, gpu: Optional[str] = None) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    # The runs import this checkout's code, wherever the study is started from.
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if gpu is not None:  # the run sees its one GPU as cuda:0, so train.device=auto puts it there
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    # The runs import this installation's code (a source checkout's too), wherever the study is started from.
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
+
+
+def train_command(run: Planned) -> list[str]:
+    """The command that trains `run`: continued with --resume where it is unfinished."""
+    return [sys.executable, "-m", "mgssl.train", *run.argv] + (["--resume"] if run.state == "unfinished" else [])
 
 
 def stop(children: dict, say: Callable[[str], None], grace_s: float = STOP_GRACE_S) -> None:
@@ -184,7 +204,7 @@ def _stop(children: dict, say: Callable[[str], None], grace_s: float) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace_s
-    for proc, (run, _, log) in children.items():
+    for proc, (run, _, log, *_) in children.items():
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -218,35 +238,40 @@ def _last_line(path: Path) -> str:
     return (errors or lines or [""])[-1].strip()
 
 
-def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
+def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path, gpus: Optional[list[str]] = None,
             say: Callable[[str], None] = print, progress_every: float = PROGRESS_EVERY_S) -> list[Planned]:
-    """Train `todo`, `jobs` at a time (an unfinished one continues from its checkpoint); returns the
-    runs that failed. Ctrl-C stops every run cleanly (each keeps its last checkpoint) and is raised again."""
+    """Train `todo`, `jobs` at a time, or with `gpus` one on each GPU (an unfinished one continues from
+    its checkpoint); returns the runs that failed. Ctrl-C stops every run cleanly (each keeps its last
+    checkpoint) and is raised again."""
     import json
 
     logs = out / LOGS
     logs.mkdir(parents=True, exist_ok=True)
-    env = child_env(threads)
+    free_gpus = list(gpus or [])
+    jobs = len(free_gpus) or jobs
     pending, failed = list(todo), []
-    children: dict = {}  # Popen -> (Planned, start time, log file)
+    children: dict = {}  # Popen -> (Planned, start time, log file, GPU or None)
     done, began, last_note = 0, time.monotonic(), time.monotonic()
     try:
         while pending or children:
             while pending and len(children) < jobs:
                 run = pending.pop(0)
-                argv = [sys.executable, "-m", "mgssl.train", *run.argv] + (["--resume"] if run.state == "unfinished" else [])
+                gpu = free_gpus.pop(0) if free_gpus else None
+                argv = train_command(run)
                 log = open(logs / f"{run.name}.log", "a")
-                log.write(f"$ {shlex.join(argv)}\n")
+                log.write(f"$ {'' if gpu is None else f'CUDA_VISIBLE_DEVICES={gpu} '}{shlex.join(argv)}\n")
                 log.flush()
                 # Its own session: a Ctrl-C in the terminal reaches the study only, which passes it on once.
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                        start_new_session=True, preexec_fn=_interruptible)
-                children[proc] = (run, time.monotonic(), log)
-                say(f"started {run.name}")
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads, gpu),
+                                        cwd=os.getcwd(), start_new_session=True, preexec_fn=_interruptible)
+                children[proc] = (run, time.monotonic(), log, gpu)
+                say(f"started {run.name}" + ("" if gpu is None else f" on GPU {gpu}"))
             time.sleep(0.5)
             for proc in [p for p in children if p.poll() is not None]:
-                run, started, log = children.pop(proc)
+                run, started, log, gpu = children.pop(proc)
                 log.close()
+                if gpu is not None:
+                    free_gpus.append(gpu)
                 done += 1
                 took = _clock(time.monotonic() - started)
                 if proc.returncode == 0 and (run.path / FINAL).is_file():
@@ -259,7 +284,7 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
             if children and time.monotonic() - last_note >= progress_every:
                 last_note = time.monotonic()
                 states = []
-                for run, _, _ in children.values():
+                for run, *_ in children.values():
                     step = last_step(run.path)
                     states.append(f"{run.name} " + ("(no step logged yet)" if step is None else f"step {step}"
                                                     + (f"/{run.total_steps}" if run.total_steps else "")))
@@ -273,7 +298,7 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.ablation", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="mgssl ablation", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  python -m mgssl.tools.ablation digits --seeds 0-9 --out runs/table4 "
                                        "--jobs 2\n")
@@ -284,7 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run, e.g. --set train.steps=1000 data.root=data/c10")
     p.add_argument("--out", type=Path, required=True, help="the study's folder: DIR/<row>-s<seed>, DIR/report.md")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default: 1)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 1; with --gpus, one per GPU)")
+    p.add_argument("--gpus", default=None, metavar="0,1,2,3",
+                   help="train one run per GPU at a time, each seeing only its own GPU (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (default: 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue unfinished runs from their last checkpoint (without it they are left alone)")
@@ -292,7 +319,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     say = lambda text: print(text, flush=True)  # noqa: E731
     try:
-        if args.jobs < 1 or args.threads < 1:
+        gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+        if gpus is not None and args.jobs not in (None, len(gpus)):
+            raise StudyError(f"--gpus trains one run per GPU ({len(gpus)} at a time); leave out --jobs {args.jobs}")
+        jobs = len(gpus) if gpus is not None else (1 if args.jobs is None else args.jobs)
+        if jobs < 1 or args.threads < 1:
             raise StudyError("--jobs and --threads must be at least 1")
         runs = plan(args.config, parse_seeds(args.seeds), parse_rows(args.rows), args.overrides, args.out)
         check_existing(runs)
@@ -300,20 +331,24 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for run in runs:
-            print(f"OMP_NUM_THREADS={args.threads} python -m mgssl.train {shlex.join(run.argv)}")
+        if gpus:
+            print("# one run per GPU; each later run takes the GPU that comes free first (shown: in turn)")
+        for i, run in enumerate(runs):
+            gpu = f"CUDA_VISIBLE_DEVICES={gpus[i % len(gpus)]} " if gpus else ""
+            print(f"{gpu}OMP_NUM_THREADS={args.threads} python -m mgssl.train {shlex.join(run.argv)}")
         return 0
     states = {run.name: run.state for run in runs}
     todo = [r for r in runs if states[r.name] == "new" or (states[r.name] == "unfinished" and args.resume)]
     left = [r for r in runs if states[r.name] == "unfinished" and not args.resume]
     say(f"{len(runs)} runs in {args.out}: {sum(s == 'finished' for s in states.values())} finished already, "
-        f"{len(todo)} to train, {args.jobs} at a time with {args.threads} thread(s) each")
+        f"{len(todo)} to train, " + (f"one per GPU on GPUs {','.join(gpus)}" if gpus else f"{jobs} at a time")
+        + f" with {args.threads} thread(s) each")
     for run in left:
         say(f"leaving {run.name} alone: unfinished (still training, or stopped); add --resume to continue it")
     # `kill PID` (SIGTERM), and SIGINT where the shell started the study with it ignored, stop it as Ctrl-C does.
     before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        failed = run_all(todo, jobs=args.jobs, threads=args.threads, out=args.out, say=say)
+        failed = run_all(todo, jobs=jobs, threads=args.threads, out=args.out, gpus=gpus, say=say)
     except KeyboardInterrupt:
         print("interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130

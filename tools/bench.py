@@ -83,7 +83,7 @@ def variants(estimator: str, meta_precision: str = "run") -> list[Variant]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mgssl bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convlarge", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step: B labeled + B unlabeled images")

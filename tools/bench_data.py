@@ -111,7 +111,7 @@ def model_for(name: str, data, device):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mgssl bench-data", description=__doc__.split("\n\n")[0])
     p.add_argument("--pipelines", nargs="+", default=["memory", "dali"], choices=["memory", "dali"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (median reported)")
@@ -138,6 +138,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if "dali" in args.pipelines:
+        from mgssl.pipelines.dali import DaliUnavailableError, require_dali
+
+        try:
+            require_dali(gpu=device.type == "cuda")
+        except DaliUnavailableError as e:
+            print(f"error: {e} (or leave it out: --pipelines memory)", file=sys.stderr)
+            return 2
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.pipelines:

@@ -120,7 +120,7 @@ def check(files: list[str], *, batch_size: int = 256, threads: int = 1, progress
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.check_folders", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="mgssl check-folders", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  OMP_NUM_THREADS=1 python -m mgssl.tools.check_folders data/c10/folders\n")
     p.add_argument("root", type=Path, help="the folder holding train/<class>/ and val/<class>/")
@@ -128,14 +128,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="images per DALI batch (default 256)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = p.parse_args(argv)
+    from mgssl.pipelines.dali import DaliUnavailableError, require_dali
     from mgssl.pipelines.folders import load_image_folders
     from mgssl.pipelines.sources import DataMissingError
 
     try:
         if args.threads < 1 or args.batch_size < 1:
             raise ValueError("--threads and --batch-size must be at least 1")
+        require_dali(gpu=False)  # the check decodes on the CPU
         data = load_image_folders(str(args.root))
-    except (DataMissingError, ValueError) as e:
+    except (DataMissingError, DaliUnavailableError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     files = data.train_files + data.test_files

@@ -32,7 +32,7 @@ def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.evaluate", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="mgssl evaluate", description=__doc__.split("\n\n")[1],
                                 epilog="example:\n  python -m mgssl.tools.evaluate runs/digits-seed0\n"
                                        "  python -m mgssl.tools.evaluate runs/cifar10/checkpoints/last.pt "
                                        "--data-root /data/cifar10 --json eval.json",

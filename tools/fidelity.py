@@ -173,7 +173,7 @@ def measure(network: str, precision: str, batch: int, size: int, classes: int, m
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mgssl fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--network", required=True, choices=sorted(PAPER))
     p.add_argument("--precision", default="bf16", choices=sorted(LOW))
     p.add_argument("--batch", type=int, help="labeled and unlabeled images each (default: the paper's per process)")

@@ -1,4 +1,4 @@
-"""python -m mgssl.tools.meta_probe CHECKPOINT_OR_RUN_DIR [more ...] [--multipliers 0.1,1,10] [--json PATH] [--plot PNG]
+"""mgssl meta-probe CHECKPOINT_OR_RUN_DIR [more ...] [--multipliers 0.1,1,10] [--json PATH] [--plot PNG]
 
 Does the meta step do what Theorem 1 says it does? The pseudo labels ŷ are moved to lower
 H(ŷ) = L_l(θ − α·∇θ L_u(θ; ŷ)): the labeled loss after one SGD step of the consistency loss towards
@@ -213,8 +213,8 @@ def _table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.meta_probe", description=__doc__.split("\n\n", 1)[1],
-                                epilog="example:\n  python -m mgssl.tools.meta_probe runs/digits-seed0 --plot runs/probe.png",
+    p = argparse.ArgumentParser(prog="mgssl meta-probe", description=__doc__.split("\n\n", 1)[1],
+                                epilog="example:\n  mgssl meta-probe runs/digits-seed0 --plot runs/probe.png",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT_OR_RUN_DIR",
                    help="checkpoints (.pt) or run folders (their checkpoints/last.pt), e.g. along one run")

@@ -1,5 +1,6 @@
 """The paper's figures drawn from run summaries. Each function returns a matplotlib Figure, made
 without pyplot (no global figure list) on the Agg canvas, so it works headless and in tests."""
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -161,3 +162,7 @@ def png_size(path: Path) -> Optional[tuple[int, int]]:
     if head[:8] != b"\x89PNG\r\n\x1a\n":
         return None
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+if __name__ == "__main__":  # a library: `python -m` on it would otherwise print nothing and exit 0
+    sys.exit("mgssl.tools.plots is a library, not a command; `mgssl --help` lists the commands")

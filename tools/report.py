@@ -2,11 +2,13 @@
 
 A markdown report (DIR/report.md) with PNG figures, made from finished run folders: the test
 accuracy curves of every variant, mean and spread over its seeds (the paper's Figure 1), the error
-against the number of labels where runs differ in it (Figure 2), and the meta x mixup ablation table
-(Table 4) where the runs form one, with the meta term on against off compared seed by seed (paired
-differences, their 95% interval, a paired t-test and a verdict), each semi-supervised row against the
-labeled-only baseline in the same way, and the step at which each row passes the baseline.
-Each argument is a run folder or a folder searched for run folders below it."""
+against the number of labels where runs differ in it (Figure 2), and the ablation table (Table 4) of
+every experiment trained in two or more of its rows (labeled-only and rows 1-4), with the rows compared
+seed by seed: the meta term on against off (row 2 − row 1, row 4 − row 3) and each row against
+labeled-only, each comparison with its paired differences, their 95% t interval, the paired t-test and
+Wilcoxon's signed-rank test, raw and Holm-adjusted over the comparisons shown together, and a verdict;
+a table holding neither kind of pair compares its rows two by two. Then the step at which each row
+passes labeled-only. Each argument is a run folder or a folder searched for run folders below it."""
 import argparse
 import statistics
 import sys
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mgssl.tools.stats import PairedT, paired_t
+from mgssl.tools.stats import PairedTests, paired_tests, with_holm
 from mgssl.tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
                         experiment_key, read_metric_rows, select_runs)
 
@@ -68,6 +70,7 @@ class Report:
     curve_variants: list = field(default_factory=list)  # Figure 1's lines: [(label, [Run])]
     paired: list = field(default_factory=list)  # [(table title, [Paired])]: meta on vs off, seed by seed
     gains: list = field(default_factory=list)  # [(table title, [Paired])]: each row vs labeled-only, seed by seed
+    others: list = field(default_factory=list)  # [(table title, [Paired])]: other pairs, where a table has none above
     overtaking: list = field(default_factory=list)  # [(table title, [Overtaking])]: rows against labeled-only
 
 
@@ -98,8 +101,8 @@ def _group(runs: list[Run], ignore: tuple) -> dict:
 
 
 def ablation_tables(runs: list[Run], metric: str, warn=print) -> list[AblationTable]:
-    """One table per experiment in which at least two of Table 4's meta x mixup variants were
-    trained, with the labeled-only baseline of the same experiment as an extra row when there is one."""
+    """One table per experiment in which at least two of the ablation's rows (labeled-only and Table 4's
+    rows 1-4) were trained."""
     groups = _group(runs, VARIANT_KEYS)
     extra = differing_keys(list(groups))
     tables = []
@@ -107,8 +110,6 @@ def ablation_tables(runs: list[Run], metric: str, warn=print) -> list[AblationTa
         by_variant = defaultdict(list)
         for run in members:
             by_variant[(run.unlabeled, run.meta, run.mixup)].append(run)
-        if len([v for v in by_variant if v[0]]) < 2:  # Table 4 compares the meta x mixup variants
-            continue
         rows = []
         for variant in ABLATION_ROWS:
             with_value = [r for r in by_variant.get(variant, []) if metric_of(r, metric) is not None]
@@ -145,6 +146,10 @@ META_PAIRS = (("meta", "none", "row 2 − row 1 (no mixup)"), ("both", "mixup", 
 # What the unlabeled images buy: each semi-supervised row against the labeled-only baseline.
 GAIN_PAIRS = tuple((row, "labeled", f"row {n} − labeled only")
                    for n, row in enumerate(("none", "meta", "mixup", "both"), start=1))
+# The other pairs of semi-supervised rows: compared where a table holds no pair of the two kinds above,
+# so that any two rows of a study give a paired comparison.
+OTHER_PAIRS = (("mixup", "none", "row 3 − row 1"), ("both", "meta", "row 4 − row 2"),
+               ("both", "none", "row 4 − row 1"), ("mixup", "meta", "row 3 − row 2"))
 SIGNIFICANCE = 0.05
 
 
@@ -154,7 +159,7 @@ class Paired:
     label: str
     seeds: list  # the seeds trained in both rows
     differences: list  # error of the first row minus the second's, fractions, one per seed
-    test: PairedT
+    test: PairedTests  # its p-values Holm-adjusted over the comparisons shown with it
     unmatched: list = field(default_factory=list)  # seeds trained in only one of the two rows
     subject: str = "the meta term"  # what the first row adds, as the verdict names it
 
@@ -164,20 +169,23 @@ class Paired:
 
     @property
     def established(self) -> bool:
-        return self.test.p is not None and self.test.p < SIGNIFICANCE
+        """Both tests reject "no difference" at SIGNIFICANCE after Holm's correction."""
+        t = self.test
+        return all(p is not None and p < SIGNIFICANCE for p in (t.t_p_holm, t.wilcoxon_p_holm))
 
     def verdict(self) -> str:
         t = self.test
-        if t.p is None:
+        if t.t_p is None:
             return (f"{self.label}: not established: {t.n} seed in both rows, no interval; train at least 3 "
                     "seeds of each")
         effect = "lowers" if t.mean < 0 else "raises"
         numbers = (f"{abs(100 * t.mean):.2f} points on average, 95% interval [{100 * t.low:+.2f}, "
-                   f"{100 * t.high:+.2f}], p = {t.p:.3g}, {t.n} seeds")
+                   f"{100 * t.high:+.2f}], Holm-adjusted p = {t.t_p_holm:.3g} (t-test), {t.wilcoxon_p_holm:.3g} "
+                   f"(Wilcoxon), {t.n} seeds")
         if self.established:
             return f"{self.label}: established: {self.subject} {effect} the error ({numbers})"
-        return (f"{self.label}: not established: {self.subject} {effect} the error by {numbers}; the interval "
-                "includes 0")
+        return (f"{self.label}: not established: {self.subject} {effect} the error by {numbers}; a test's "
+                f"adjusted p is not below {SIGNIFICANCE}")
 
 
 def errors_by_seed(table: AblationTable, warn=print) -> dict[tuple, dict]:
@@ -204,8 +212,14 @@ def paired_gains(errors: dict[tuple, dict]) -> list[Paired]:
     return paired_rows(errors, GAIN_PAIRS, "the row")
 
 
+def paired_others(errors: dict[tuple, dict]) -> list[Paired]:
+    """The other pairs of semi-supervised rows, for a table whose rows form no pair of the two kinds above."""
+    return paired_rows(errors, OTHER_PAIRS, "the first row")
+
+
 def paired_rows(errors: dict[tuple, dict], pairs: tuple, subject: str) -> list[Paired]:
-    """First row minus second, seed by seed, for each (first, second, label) of `pairs` that `errors` holds both of."""
+    """First row minus second, seed by seed, for each (first, second, label) of `pairs` that `errors` holds
+    both of; the p-values are Holm-adjusted over the comparisons returned."""
     out = []
     for on, off, label in pairs:
         first, second = errors.get(TABLE4_VARIANTS[on]), errors.get(TABLE4_VARIANTS[off])
@@ -215,46 +229,59 @@ def paired_rows(errors: dict[tuple, dict], pairs: tuple, subject: str) -> list[P
         unmatched = sorted(set(first) ^ set(second), key=str)
         if not seeds:
             continue
-        differences = [first[s] - second[s] for s in seeds]
-        out.append(Paired(label, seeds, differences, paired_t(differences), unmatched, subject))
+        test = paired_tests([first[s] for s in seeds], [second[s] for s in seeds])
+        out.append(Paired(label, seeds, [first[s] - second[s] for s in seeds], test, unmatched, subject))
+    for comparison, adjusted in zip(out, with_holm([c.test for c in out])):
+        comparison.test = adjusted
     return out
 
 
-def paired_markdown(comparisons: list[Paired], gains: bool = False) -> list[str]:
-    """The table of paired differences and a verdict per comparison; for the meta term also one overall."""
+def _p(value: Optional[float]) -> str:
+    return f"{value:.3g}" if value is not None else "–"
+
+
+def paired_markdown(comparisons: list[Paired], kind: str = "meta") -> list[str]:
+    """The table of paired differences and a verdict per comparison; for the meta term also one overall.
+    `kind`: "meta" (meta on minus off), "gains" (each row minus labeled-only) or "others"."""
     rows = []
     for c in comparisons:
         t = c.test
         per_seed = ", ".join(f"s{s} {100 * d:+.2f}" for s, d in zip(c.seeds, c.differences))
         interval = f"[{100 * t.low:+.2f}, {100 * t.high:+.2f}]" if t.low is not None else "–"
         ties = sum(d == 0 for d in c.differences)
-        rows.append([c.label, t.n, per_seed, f"{100 * t.mean:+.2f}", interval,
-                     f"{t.p:.3g}" if t.p is not None else "–",
+        rows.append([c.label, t.n, per_seed, f"{100 * t.mean:+.2f}", interval, _p(t.t_p), _p(t.t_p_holm),
+                     _p(t.wilcoxon_p), _p(t.wilcoxon_p_holm),
                      f"{c.better} of {t.n}" + (f" ({ties} tie{'s' if ties > 1 else ''})" if ties else "")])
-    intro = ("Each semi-supervised row minus labeled-only, same seed" if gains
-             else "Meta on minus meta off, same seed")
-    helps = "the unlabeled images help" if gains else "the meta term helps"
-    md = [f"{intro}, in points of test error (negative: {helps}); "
-          "the 95% interval and the two-sided p-value are those of a paired t-test.", "",
-          _md_table(["Comparison", "Seeds", "Per seed", "Mean", "95% interval", "p",
-                     "Row better in" if gains else "Meta better in"], rows), ""]
+    intro, helps, better = {
+        "meta": ("Meta on minus meta off, same seed", "the meta term helps", "Meta better in"),
+        "gains": ("Each semi-supervised row minus labeled-only, same seed", "the unlabeled images help",
+                  "Row better in"),
+        "others": ("The rows two by two, the later row minus the earlier, same seed", "the later row is better",
+                   "Later row better in")}[kind]
+    md = [f"{intro}, in points of test error (negative: {helps}); the 95% interval is the paired t-test's; "
+          "p: two-sided, of the paired t-test (scipy.stats.ttest_rel) and of Wilcoxon's signed-rank test "
+          "(scipy.stats.wilcoxon, exact, zero differences left out), raw and Holm-adjusted over the "
+          f"comparisons of this table. A comparison is established when both adjusted p are below {SIGNIFICANCE}.",
+          "", _md_table(["Comparison", "Seeds", "Per seed", "Mean", "95% interval", "t-test p", "t-test p (Holm)",
+                         "Wilcoxon p", "Wilcoxon p (Holm)", better], rows), ""]
     for c in comparisons:
         if c.unmatched:
             many = len(c.unmatched) > 1
             md += [f"{c.label}: seed{'s' if many else ''} {', '.join(map(str, c.unmatched))} "
                    f"{'are' if many else 'is'} in one row only and left out.", ""]
     md += [f"- {c.verdict()}" for c in comparisons] + [""]
-    if gains:
+    if kind != "meta":
         return md
     established = [c for c in comparisons if c.established]
     same_sign = len({c.test.mean < 0 for c in comparisons}) == 1
     if comparisons and len(established) == len(comparisons) and same_sign:
         effect = "gain" if comparisons[0].test.mean < 0 else "harm"
-        md += [f"**Verdict: the meta term's {effect} is established** (p < {SIGNIFICANCE} in "
-               f"{'each comparison' if len(comparisons) > 1 else 'the comparison'}).", ""]
+        md += [f"**Verdict: the meta term's {effect} is established** (both tests, Holm-adjusted p < "
+               f"{SIGNIFICANCE}, in {'each comparison' if len(comparisons) > 1 else 'the comparison'}).", ""]
     else:
-        md += [f"**Verdict: the meta term's effect is not established** (p < {SIGNIFICANCE} in {len(established)} "
-               f"of {len(comparisons)} comparison{'s' if len(comparisons) > 1 else ''}).", ""]
+        md += [f"**Verdict: the meta term's effect is not established** (both tests, Holm-adjusted p < "
+               f"{SIGNIFICANCE}, in {len(established)} of {len(comparisons)} "
+               f"comparison{'s' if len(comparisons) > 1 else ''}).", ""]
     return md
 
 
@@ -424,14 +451,18 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
         gains = paired_gains(errors)
         if gains:
             report.gains.append((table.title, gains))
-            md += paired_markdown(gains, gains=True)
+            md += paired_markdown(gains, kind="gains")
+        others = [] if comparisons or gains else paired_others(errors)
+        if others:
+            report.others.append((table.title, others))
+            md += paired_markdown(others, kind="others")
         passing = overtaking_table(table)
         if passing:
             report.overtaking.append((table.title, passing))
             md += overtaking_markdown(passing)
     if not report.tables:
-        md += ["Not formed: no experiment was trained with two or more of the meta x mixup variants. "
-               "Train them with `--set method.meta=false`, "
+        md += ["Not formed: no experiment was trained in two or more of the ablation's rows (labeled-only, "
+               "rows 1-4). Train them with `mgssl ablation`, or by hand with `--set method.meta=false`, "
                "`--set method.mixup=false`, and `--set method.unlabeled=false method.meta=false "
                "method.mixup=false` for the baseline.", ""]
     commands = [(r.name, c) for r in runs for c in r.commands]
@@ -443,7 +474,7 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.report", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="mgssl report", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  python -m mgssl.tools.report runs/ --out runs/report\n")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",

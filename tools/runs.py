@@ -321,7 +321,8 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
     except (KeyError, ValueError) as e:
         raise ValueError(f"the config saved in {checkpoint} does not load with this version of the code "
                          f"({e.args[0] if isinstance(e, KeyError) else e}); evaluate it with the version that "
-                         f"trained it (git commit {state.get('git_commit', 'unknown')})") from e
+                         f"trained it (mgssl {state.get('mgssl_version') or 'version not recorded'}, "
+                         f"git commit {state.get('git_commit') or 'not recorded'})") from e
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     data = build_data(cfg.data, seed=cfg.seed, device=dev)
@@ -329,3 +330,7 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
     net.load_state_dict(state["model"])
     net.eval()
     return Restored(checkpoint, run_dir, state, cfg, net, data, dev)
+
+
+if __name__ == "__main__":  # a library: `python -m` on it would otherwise print nothing and exit 0
+    sys.exit("mgssl.tools.runs is a library, not a command; `mgssl --help` lists the commands")

@@ -63,7 +63,7 @@ def tsne_figure(paths: list, *, max_points: int = 1000, data_root: Optional[str]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.tsne", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="mgssl tsne", description=__doc__.split("\n\n")[1],
                                 epilog="example:\n  python -m mgssl.tools.tsne runs/baseline runs/full --out runs/tsne.png",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT_OR_RUN_DIR",

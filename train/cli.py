@@ -1,4 +1,7 @@
-"""python -m mgssl.train [CONFIG] [--set key=value ...] [--out DIR] [--resume [--allow-schedule-change]]"""
+"""mgssl train [CONFIG] [--set key=value ...] [--out DIR] [--resume [--allow-schedule-change]] [--print-config]
+
+Also `python -m mgssl.train ...` (what torchrun takes). A resume without CONFIG continues the run saved
+in --out with its own config.yaml."""
 import argparse
 import os
 import sys
@@ -6,23 +9,29 @@ from pathlib import Path
 
 from mgssl.train.config import load_config, resolve_config_path
 
+DEFAULT_CONFIG = "digits"
+SAVED_CONFIG = "config.yaml"  # what a run folder holds of its config (train/rundir.py writes it)
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m mgssl.train",
+        prog="mgssl train",
         description="Train a semi-supervised classifier with meta-gradient pseudo labels.",
         epilog="examples:\n"
-               "  python -m mgssl.train digits\n"
-               "  python -m mgssl.train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
-               "  python -m mgssl.train convlarge_cifar10_4k --set data.root=/data/cifar10 --resume\n"
+               "  mgssl train digits                  (the same as: python -m mgssl.train digits)\n"
+               "  mgssl train --print-config convlarge_cifar10_4k   (every key, its default and meaning)\n"
+               "  mgssl train --out runs/digits-seed0 --resume      (continue a run with its saved config)\n"
+               "  mgssl train convlarge_cifar10_4k --set data.root=/data/cifar10 train.precision=bf16\n"
                "  torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m mgssl.train resnet18_imagenet_10pct \\\n"
                "      --set data.root=/data/imagenet\n"
                "  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29400 \\\n"
                "      --rdzv-id=imagenet -m mgssl.train resnet18_imagenet_10pct --set data.root=/data/imagenet  (on each node)\n"
-               "batch sizes are global (summed over all processes); see configs/README.md for every experiment.",
+               "batch sizes are global (summed over all processes); `mgssl train --print-config CONFIG` lists every\n"
+               "config key with its default and meaning; configs/README.md describes every experiment.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", default="digits",
-                   help="a YAML file, or the name of one in configs/ (default: digits)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a YAML file, or the name of one in configs/ (default: digits; with --resume, the "
+                        "config.yaml saved in --out)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.steps=1000 method.meta=false")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config>-seed<seed>)")
@@ -31,7 +40,23 @@ def parse_args(argv):
     p.add_argument("--allow-schedule-change", action="store_true",
                    help="with --resume: accept a new train.steps/epochs that changes the learning rate of steps "
                         "already trained (optim.schedule=cosine)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every config key of CONFIG (after --set) with its default and meaning, and exit")
     return p.parse_args(argv)
+
+
+def config_source(args) -> str:
+    """The config to train: the one named, else on a resume the run folder's own config.yaml, else digits."""
+    if args.config is not None:
+        return args.config
+    if not (args.resume and args.out is not None):
+        return DEFAULT_CONFIG
+    saved = args.out / SAVED_CONFIG
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume without a config continues the run saved in {args.out}, but it holds no "
+                                f"{SAVED_CONFIG}; name the config to start or continue it "
+                                f"(mgssl train CONFIG --out {args.out} --resume)")
+    return str(saved)
 
 
 def _say_error(e: BaseException) -> None:
@@ -45,18 +70,24 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, tuple(args.overrides))
+        source = config_source(args)
+        cfg = load_config(source, tuple(args.overrides))
     except (KeyError, ValueError, FileNotFoundError) as e:
         _say_error(e)
         return 2
-    out = args.out or Path("runs") / f"{resolve_config_path(args.config).stem}-seed{cfg.seed}"
+    if args.print_config:
+        from mgssl.train.config_help import describe
+
+        print(describe(cfg, " ".join([str(source), *(f"--set {o}" for o in args.overrides)])), end="")
+        return 0
+    out = args.out or Path("runs") / f"{resolve_config_path(source).stem}-seed{cfg.seed}"
     # A worker restarted by `torchrun --max-restarts` reruns this command: continue, don't refuse.
     # The restart count alone cannot tell: on several nodes, an agent whose own workers were healthy
     # restarts them with a count of 0. So under --max-restarts an existing checkpoint is continued.
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     resume = args.resume or restarts_allowed or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    from mgssl.pipelines.dali import CorruptImageError  # these import torch: keep `--help` and config errors fast
+    from mgssl.pipelines.dali import CorruptImageError, DaliUnavailableError  # these import torch: keep `--help` fast
     from mgssl.train.checkpoint import CheckpointError
     from mgssl.train.distributed import DeviceError
     from mgssl.train.engine import NonFiniteLossError, RanksDivergedError, run
@@ -65,7 +96,8 @@ def main(argv=None) -> int:
     # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
     # keeps its traceback.
     expected = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, CheckpointError,
-                NonFiniteLossError, RanksDivergedError, DeviceError, CorruptImageError, RunFolderError)
+                NonFiniteLossError, RanksDivergedError, DeviceError, CorruptImageError, DaliUnavailableError,
+                RunFolderError)
     try:
         summary = run(cfg, out, resume=resume, argv=argv, allow_schedule_change=args.allow_schedule_change)
     except expected as e:

@@ -28,7 +28,7 @@ class MethodConfig:
     mixup: bool = True  # cross-domain mixup of labeled and unlabeled pairs (Table 4 "Mix-Up")
     estimator: str = "auto"  # how J·g is computed: auto (jvp under bf16/fp16, fd in fp32) | fd | jvp | exact
     eps: float = 0.01  # fd: the parameters move by eps in L2 norm (ε = eps / ||g||)
-    fd_full_precision: bool = True  # fd passes in fp32 without TF32 even under autocast (DESIGN §2)
+    fd_full_precision: bool = True  # fd's ±εg passes in fp32 without TF32 under autocast too (bf16 rounds the move away)
     # "run": the meta part in the run's precision (under bf16/fp16 jvp in it, fd's passes per
     # fd_full_precision); "fp32": all of it, g included, in fp32 without TF32 (docs/PERF.md "Fidelity")
     meta_precision: str = "run"
@@ -39,7 +39,7 @@ class MethodConfig:
     consistency_weight: float = 1.0  # w of the MSE consistency term
     consistency_rampup: int = 4000  # steps over which w grows linearly from 0
     mixup_gamma: float = 1.0  # λ ~ Beta(γ, γ)
-    allreduce_grad: bool = True  # average g over ranks before ε is taken (DESIGN §2)
+    allreduce_grad: bool = True  # average g over ranks before ε is taken, so every rank moves θ alike
 
     def __post_init__(self):
         _choice("method.estimator", self.estimator, ESTIMATORS)
@@ -57,12 +57,13 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.1  # peak learning rate α; the meta learning rate β equals it
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = 1e-4  # L2 penalty of SGD, on every parameter
     schedule: str = "step"  # "step": ×gamma at each milestone; "cosine": cosine decay to 0 after warm-up
+    # step schedule: the steps at which the learning rate is multiplied by gamma
     milestones: list[int] = field(default_factory=lambda: [300_000, 350_000])
-    gamma: float = 0.1
+    gamma: float = 0.1  # step schedule: the factor applied at each milestone
     warmup_steps: int = 4000  # linear warm-up from 0
     warmup_epochs: Optional[float] = None  # if set, replaces warmup_steps (epochs of the unlabeled set)
     implementation: str = "auto"  # torch SGD kernel: auto (fused on GPU, foreach on CPU) | fused | foreach | loop
@@ -112,7 +113,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # the labeled split, initial weights, data order and augmentation all follow from it
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import mgssl
 from mgssl.pipelines import build_data, check_global_batch
 from mgssl.train import checkpoint as ckpt
 from mgssl.train.backends import BackendFlags, backend_flags
@@ -31,19 +32,33 @@ class RanksDivergedError(RuntimeError):
     pass
 
 
-def git_commit(length: Optional[int] = None) -> str:
-    """The checkout's commit hash (its first `length` characters if given), "-dirty" when tracked files
-    have changed since, or "unknown" outside a git checkout."""
-    here = Path(__file__).resolve().parent.parent
+def source_checkout() -> Optional[Path]:
+    """The source tree this code runs from (a checkout, or an editable install of one), or None for an
+    install of a built package (`pip install .`, a wheel) in site-packages."""
+    root = Path(mgssl.__file__).resolve().parent.parent
+    return root if (root / "setup.cfg").is_file() else None
+
+
+def git_commit(length: Optional[int] = None, root: Optional[Path] = None) -> Optional[str]:
+    """The commit of the git checkout at `root` (default: the source tree this code runs from), its first
+    `length` characters if given, with "-dirty" when tracked files have changed since; None where the
+    code is not a git checkout of its own (an installed package, even inside another repository)."""
+    root = root if root is not None else source_checkout()
+    if root is None:
+        return None
     short = [f"--short={length}"] if length else []
     try:
-        out = subprocess.run(["git", "rev-parse", *short, "HEAD"], cwd=here, capture_output=True, text=True,
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(root).resolve():
+            return None
+        out = subprocess.run(["git", "rev-parse", *short, "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
 
 
 def build_optimizer(net: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -101,7 +116,7 @@ class Training:
     scaler: Optional[torch.amp.GradScaler]
     reduce_grad: Optional[Callable]
     checkpoint_path: Path
-    commit: str
+    commit: Optional[str]  # None where the code is not a git checkout (an installed package)
     log: Optional[MetricsLog] = None
     evals: list = field(default_factory=list)
     window: LogWindow = field(default_factory=LogWindow)
@@ -282,7 +297,8 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
     if t.d.is_main:
         payload = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(), "step": step,
                    "data": t.data.train.state_dict(), "rng": rngs, "evals": t.evals, "config": to_dict(t.cfg),
-                   "git_commit": t.commit, "world_size": t.d.world_size, "log_window": t.window.state_dict()}
+                   "mgssl_version": mgssl.__version__, "git_commit": t.commit, "world_size": t.d.world_size,
+                   "log_window": t.window.state_dict()}
         if t.scaler is not None:
             payload["scaler"] = t.scaler.state_dict()
         if rank_buffers is not None:
@@ -323,7 +339,8 @@ def summarize(t: Training, schedule: RunPlan) -> dict:
     return {**summarize_evals(t.evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
             "world_size": t.d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
             "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-            "unlabeled": cfg.method.unlabeled, "estimator": rundir.run_estimator(cfg), "git_commit": t.commit,
+            "unlabeled": cfg.method.unlabeled, "estimator": rundir.run_estimator(cfg),
+            "mgssl_version": mgssl.__version__, "git_commit": t.commit,
             "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
             "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
             "weights_sha256_per_rank": fingerprints}

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import mgssl
 from mgssl.pipelines import SPLIT_FILE, DataConfig, LabelSplit
 from mgssl.train import checkpoint as ckpt
 from mgssl.train import distributed as D
@@ -175,6 +176,8 @@ def data_config(cfg: DataConfig, run_dir: Path, state: Optional[dict]) -> DataCo
 def launch_command(argv: list[str]) -> str:
     """The command as typed, as near as the process can tell (torchrun shows up in its environment)."""
     cmd = [Path(sys.executable).name, "-m", "mgssl.train", *argv]
+    if Path(sys.argv[0]).name == "mgssl":  # the console command (mgssl/cli.py)
+        cmd = ["mgssl", "train", *argv]
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
         cmd = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
                f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
@@ -187,12 +190,13 @@ def continue_command(argv: list[str]) -> str:
 
 
 def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, start: int, split: LabelSplit,
-                      git_commit: str, backend_flags: dict) -> None:
+                      git_commit: Optional[str], backend_flags: dict) -> None:
     if not d.is_main:
         return
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     split.save(run_dir / SPLIT_FILE)
-    info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit, "estimator": run_estimator(cfg),
+    info = {"command": launch_command(argv), "argv": argv, "mgssl_version": mgssl.__version__,
+            "git_commit": git_commit, "estimator": run_estimator(cfg),
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "host": socket.gethostname(),
