@@ -110,8 +110,14 @@ def main(argv=None) -> int:
     for row in result["rows"]:
         print(f"| {row['multiplier']:g} | {row['accuracy']:.4f} | {row['brier']:.4f} | {row['shift']:.4f} |")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            from mgssl.tools.runs import output_error
+
+            print(f"error: {output_error(e, '--json')}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -34,10 +34,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _rank_and_world() -> tuple[str, str]:
+    """RANK and WORLD_SIZE as the environment spells them (checked where the run starts)."""
+    return os.environ.get("RANK", "0").strip() or "0", os.environ.get("WORLD_SIZE", "1").strip() or "1"
+
+
 def _say_error(e: BaseException) -> None:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    rank, world = _rank_and_world()
+    where = f"[rank {rank}] " if world not in ("0", "1") and world.isdigit() else ""
     print(f"{where}error: {message}", file=sys.stderr)
 
 
@@ -72,13 +77,13 @@ def main(argv=None) -> int:
         _say_error(e)
         return 1
     except RunStopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _rank_and_world()[0] == "0":
             print(f"{e}; saved {e.checkpoint}. Continue with: {continue_command(argv)}", file=sys.stderr)
         return EXIT_STOPPED
     except KeyboardInterrupt:
         print(f"interrupted; continue with the same command plus --resume (run folder {out})", file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank_and_world()[0] == "0":
         err = summary.get("test_error")
         print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f})")
     return 0

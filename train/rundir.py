@@ -1,5 +1,6 @@
 """A run folder's life: one writer at a time (a lock), the decision to start, resume or refuse, the
-files a start writes, a clean stop on SIGTERM / SIGINT / SIGUSR1, and the final summary."""
+files a start writes, a clean stop on SIGTERM / SIGINT / SIGHUP / SIGUSR1, and the final summary.
+The folder's files and how each is opened are defined once, in mgssl/runfolder.py."""
 import dataclasses
 import json
 import os
@@ -16,25 +17,21 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mgssl.pipelines import SPLIT_FILE, DataConfig, LabelSplit
+from mgssl import runfolder as rf
+from mgssl.pipelines import DataConfig, LabelSplit
 from mgssl.train import checkpoint as ckpt
 from mgssl.train import distributed as D
-from mgssl.train.config import Config, config_diff, from_dict, to_dict
+from mgssl.train.config import Config, config_diff, from_dict, keys_marked, to_dict
 from mgssl.train.meta import resolve_estimator
 from mgssl.train.runlock import RunFolderError, lock_run_folder
 from mgssl.train.schedule import learning_rate, plan
 
-FINAL = "final.json"
-# Everything a run writes into its folder: a fresh start refuses a folder that holds any of them.
-RUN_FILES = (FINAL, "metrics.jsonl", "config.yaml", "runs.jsonl", SPLIT_FILE, "checkpoints", "tensorboard",
-             "corrupt_files.txt")
-# Keys a resumed run may change: they do not alter what is trained. train.steps and train.epochs
-# are further checked against the schedule of the finished steps (check_resume_schedule).
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.log_every",
-                     "train.checkpoint_every", "train.keep_last_evals", "train.progress", "train.tensorboard",
-                     "train.compile", "train.cudnn_benchmark", "train.deterministic", "train.tf32",
-                     "train.device", "data.root", "data.workers", "data.eval_batch_size")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+FINAL = rf.FINAL
+# Keys a resumed run may change (field metadata runfolder.RESUMABLE): they do not alter what is
+# trained. train.steps and train.epochs are further checked against the schedule of the finished steps.
+RESUMABLE_CHANGES = keys_marked("resumable")
+# SIGHUP: a closed terminal or a dropped ssh session stops the run as SIGTERM does, with a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, continue later with --resume
 
 
@@ -84,7 +81,7 @@ def held(run_dir: Path, d: D.Dist) -> Iterator[None]:
 
 
 def run_files(run_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    return [name for name in rf.RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
 
 
 def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optional[dict]:
@@ -105,7 +102,7 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
                 raise RunFolderError(f"{run_dir} holds a finished run (final.json) but no checkpoints/{ckpt.LAST} "
                                      "to continue from; choose another --out folder")
             return None
-        state = ckpt.load(last)
+        state = ckpt.check_resumable(ckpt.load(last), last)
         check_resume_config(state["config"], cfg)
         return state
 
@@ -159,10 +156,22 @@ def check_resume_schedule(saved: dict, cfg: Config, start: int, unlabeled_size: 
                              "to accept the jump")
 
 
+def check_same_train_set(state: dict, split: LabelSplit, run_dir: Path) -> None:
+    """A resume trains on the images, labels and class names the checkpoint was trained on."""
+    saved = state.get("train_set") or {}
+    classes = saved.get("classes")
+    saved_split = LabelSplit(split.dataset, split.train_size, split.seed, split.labeled,
+                             None if classes is None else tuple(classes), saved.get("sha256"))
+    try:
+        saved_split.check_same_train_set(split.classes, split.train_sha256, str(run_dir / rf.CHECKPOINT))
+    except ValueError as e:
+        raise RunFolderError(str(e)) from None
+
+
 def data_config(cfg: DataConfig, run_dir: Path, state: Optional[dict]) -> DataConfig:
     """A resumed run reads the split it trained on; a fresh one never takes a split it finds in the
     folder (only data.split_file names a split to reuse)."""
-    saved = run_dir / SPLIT_FILE
+    saved = run_dir / rf.SPLIT
     if state is not None and saved.is_file():
         return dataclasses.replace(cfg, split_file=str(saved))
     return cfg
@@ -188,10 +197,11 @@ def continue_command(argv: list[str]) -> str:
 
 def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, start: int, split: LabelSplit,
                       git_commit: str, backend_flags: dict) -> None:
+    """config.yaml, labeled_split.json and a line of runs.jsonl, on rank 0. A write that fails (a full
+    disk) removes the files this start created, so the folder does not refuse the next start."""
     if not d.is_main:
+        agree(d, lambda: None)
         return
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    split.save(run_dir / SPLIT_FILE)
     info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit, "estimator": run_estimator(cfg),
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
@@ -199,15 +209,25 @@ def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, st
             "pid": os.getpid(), "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "resumed_from_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "backend_flags": backend_flags}
-    with open(run_dir / "runs.jsonl", "a") as f:  # one line per start, resume or restart
-        f.write(json.dumps(info) + "\n")
+    existed = set(run_files(run_dir))
+
+    def write() -> None:
+        try:
+            rf.write_atomic(run_dir / rf.CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            rf.write_atomic(run_dir / rf.SPLIT, split.to_json())
+            rf.append_text(run_dir / rf.RUNS, json.dumps(info) + "\n")  # one line per start, resume or restart
+        except rf.RunFileError:
+            for name in (rf.CONFIG, rf.SPLIT, rf.RUNS):
+                if name not in existed:
+                    (run_dir / name).unlink(missing_ok=True)
+            raise
+
+    agree(d, write)
 
 
 def write_final(run_dir: Path, summary: dict, d: D.Dist) -> None:
     if d.is_main:
-        tmp = run_dir / f".{FINAL}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / FINAL)
+        rf.write_atomic(run_dir / FINAL, json.dumps(summary, indent=2) + "\n", fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +235,7 @@ def write_final(run_dir: Path, summary: dict, d: D.Dist) -> None:
 
 
 class StopSignals:
-    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at a step boundary that all ranks share.
+    """Turns SIGTERM, SIGINT, SIGHUP and SIGUSR1 into a request to stop at a step boundary that all ranks share.
 
     On several ranks, each boundary posts this rank's request in a one-number all-reduce (gloo, on
     the CPU, asynchronous) and reads the one posted at the boundary before: no host-device sync and
