@@ -131,12 +131,3 @@ def _class_colours(num_classes: int):
     if num_classes <= 20:
         return colormaps["tab20"]
     return colormaps["hsv"].resampled(num_classes)
-
-
-def png_size(path: Path) -> Optional[tuple[int, int]]:
-    """(width, height) in pixels of a PNG file, from its header."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if head[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
