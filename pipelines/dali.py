@@ -34,7 +34,6 @@ STD = (0.229, 0.224, 0.225)
 # DALI's prefetch queue: batches the pipeline prepares ahead of the one asked for, so that pipe.run()
 # finds its batch ready. A failure may surface this many batches late.
 PREFETCH = 2
-CORRUPT_LOG = rf.CORRUPT
 
 
 class CorruptImageError(RuntimeError):
@@ -236,7 +235,7 @@ class CorruptFiles:
                           f"(data.on_corrupt=skip)", RuntimeWarning, stacklevel=3)
             print(f"[data] skipping undecodable image {path}", file=sys.stderr, flush=True)
             if self.run_dir is not None:
-                rf.append_text(Path(self.run_dir) / CORRUPT_LOG, path + "\n")  # never through a planted link
+                rf.append_text(Path(self.run_dir) / rf.CORRUPT, path + "\n")  # never through a planted link
 
 
 class FileStream:

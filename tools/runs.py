@@ -119,7 +119,7 @@ def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
             raise RunSelectionError(f"{root} is a file; pass the run folder that holds it (e.g. {root.parent})")
         candidates = [root] if is_run_dir(root) or (root / FINAL).is_file() else []
         candidates += sorted(p for p in root.rglob("*") if p.is_dir() and ((p / FINAL).is_file() or is_run_dir(p))
-                             and p.name != "checkpoints")
+                             and p.name != rf.CHECKPOINTS)
         for path in candidates:
             if path.resolve() in seen:
                 continue
@@ -298,7 +298,7 @@ def checkpoint_path(path) -> Path:
 def run_dir_of(checkpoint: Path) -> Optional[Path]:
     """The run folder of <run>/checkpoints/<file>.pt, if that is where the checkpoint lies."""
     parent = checkpoint.resolve().parent
-    if parent.name == "checkpoints" and ((parent.parent / CONFIG).is_file() or (parent.parent / SPLIT).is_file()):
+    if parent.name == rf.CHECKPOINTS and ((parent.parent / CONFIG).is_file() or (parent.parent / SPLIT).is_file()):
         return parent.parent
     return None
 

@@ -26,7 +26,6 @@ from mgssl.train.meta import resolve_estimator
 from mgssl.train.runlock import RunFolderError, lock_run_folder
 from mgssl.train.schedule import learning_rate, plan
 
-FINAL = rf.FINAL
 # Keys a resumed run may change (field metadata runfolder.RESUMABLE): they do not alter what is
 # trained. train.steps and train.epochs are further checked against the schedule of the finished steps.
 RESUMABLE_CHANGES = keys_marked("resumable")
@@ -93,12 +92,12 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
         found = run_files(run_dir)
         if found and not resume:
             how = ("add --resume to continue it" if last is not None else
-                   "it has no checkpoint to continue from" if FINAL in found else
+                   "it has no checkpoint to continue from" if rf.FINAL in found else
                    "it has no checkpoint yet; --resume starts it again from step 0")
             raise RunFolderError(f"{run_dir} already holds a run ({', '.join(found)}); {how}, or choose another "
                                  "--out folder")
         if last is None:
-            if resume and FINAL in found:
+            if resume and rf.FINAL in found:
                 raise RunFolderError(f"{run_dir} holds a finished run (final.json) but no checkpoints/{ckpt.LAST} "
                                      "to continue from; choose another --out folder")
             return None
@@ -227,7 +226,7 @@ def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, st
 
 def write_final(run_dir: Path, summary: dict, d: D.Dist) -> None:
     if d.is_main:
-        rf.write_atomic(run_dir / FINAL, json.dumps(summary, indent=2) + "\n", fsync=True)
+        rf.write_atomic(run_dir / rf.FINAL, json.dumps(summary, indent=2) + "\n", fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------

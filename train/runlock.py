@@ -8,7 +8,7 @@ import socket
 import time
 from pathlib import Path
 
-from mgssl.runfolder import LOCK as LOCK_FILE, open_fd, refuse_links
+from mgssl.runfolder import LOCK, open_fd, refuse_links
 
 
 class RunFolderError(RuntimeError):
@@ -26,7 +26,7 @@ def lock_run_folder(run_dir: Path) -> int:
                              "you can write to") from None
     refuse_links(run_dir)
     try:
-        fd = open_fd(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+        fd = open_fd(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise RunFolderError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose an --out folder "
                              "you can write to") from None
