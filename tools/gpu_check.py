@@ -409,7 +409,8 @@ def markdown(rows: list[Row], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[Row]:
+def run_checks(argv=None) -> list[Row]:
+    """Every check, its table written to --out; returns the rows."""
     args = parse_args(argv)
     plan = Plan.of(args.dry_run)
     from mgssl.train.engine import git_commit
@@ -477,5 +478,10 @@ def main(argv=None) -> list[Row]:
     return rows
 
 
+def main(argv=None) -> int:
+    rows = run_checks(argv)
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
