@@ -157,15 +157,10 @@ def at_common_steps(seeds: list[list[dict]], key: str) -> tuple[list[int], list[
 def normalized_config(tree: dict) -> dict:
     """A saved config as today's code reads it, flattened: keys added since the run was made take
     their defaults, and method.estimator names the estimator that runs (`auto` resolved), so that
-    an older run and a new one of the same experiment compare equal. A config today's code cannot
-    read is compared as it was saved."""
-    from mgssl.train.config import Config, from_dict, to_dict
-    from mgssl.train.rundir import with_resolved_estimator
+    an older run and a new one of the same experiment compare equal."""
+    from mgssl.train.config import normalized
 
-    try:
-        return flatten(with_resolved_estimator(to_dict(from_dict(Config, tree))))
-    except (KeyError, ValueError, TypeError):
-        return flatten(tree)
+    return flatten(normalized(tree))
 
 
 DAMAGED = "restore it from a copy, or remove the run folder and train it again"

@@ -18,7 +18,7 @@ from mgssl import runfolder as rf
 from mgssl.model import MODELS, ModelConfig
 from mgssl.pipelines.config import DataConfig
 from mgssl.train.compiling import compile_mode
-from mgssl.train.meta import ESTIMATORS
+from mgssl.train.estimators import ESTIMATORS, resolve_estimator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -142,6 +142,8 @@ class Config:
             raise ValueError(f"seed={self.seed}: give a whole number from 0 to {2**32 - 1}")
         if self.method.mixup and self.method.unlabeled is False:
             raise ValueError("method.mixup needs unlabeled data")
+        # `auto` resolved here, once: every reader of the config names the estimator that runs.
+        self.method.estimator = resolve_estimator(self.method.estimator, self.train.precision != "fp32")
 
 
 def keys_marked(flag: str, cls=None, prefix: str = "") -> tuple[str, ...]:
@@ -392,6 +394,15 @@ def load_config(name_or_path: Optional[str] = "digits", overrides: tuple[str, ..
     for text in overrides:
         data = _deep_merge(data, parse_override(text))
     return from_dict(Config, data)
+
+
+def normalized(config: dict) -> dict:
+    """A saved config dict as today's code reads it: keys added since take their defaults and `auto`
+    is resolved; a config today's code cannot read is returned as it was saved."""
+    try:
+        return to_dict(from_dict(Config, config))
+    except (KeyError, ValueError, TypeError):
+        return config
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -343,7 +343,7 @@ def summarize(t: Training, schedule: RunPlan) -> dict:
     return {**summarize_evals(t.evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
             "world_size": t.d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
             "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-            "unlabeled": cfg.method.unlabeled, "estimator": rundir.run_estimator(cfg), "git_commit": t.commit,
+            "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator, "git_commit": t.commit,
             "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
             "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
             "weights_sha256_per_rank": fingerprints}

@@ -33,9 +33,9 @@ from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mgssl.train.compiling import compiled as compile_with
+from mgssl.train.estimators import ESTIMATORS, resolve_estimator
 from mgssl.train.losses import fp32_or_wider
 
-ESTIMATORS = ("auto", "fd", "jvp", "exact")
 
 GradReducer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -206,18 +206,6 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def resolve_estimator(estimator: str, low_precision: bool) -> str:
-    """The estimator that `estimator` names in a run with (or without) bf16/fp16 autocast.
-
-    auto: under autocast jvp, one pass in the low precision. fd would need its passes in fp32 without
-    TF32, because ±εg is below bf16 resolution, and on a GPU those run at a fifteenth of the bf16 rate;
-    jvp has no ε to resolve and stays faithful in bf16 (docs/PERF.md, "Fidelity"). In fp32 runs fd,
-    the authors' estimator, which costs the same as jvp there."""
-    if estimator == "auto":
-        return "jvp" if low_precision else "fd"
-    return estimator
 
 
 @contextmanager

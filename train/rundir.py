@@ -21,8 +21,7 @@ from mgssl import runfolder as rf
 from mgssl.pipelines import DataConfig, LabelSplit
 from mgssl.train import checkpoint as ckpt
 from mgssl.train import distributed as D
-from mgssl.train.config import Config, config_diff, from_dict, keys_marked, to_dict
-from mgssl.train.meta import resolve_estimator
+from mgssl.train.config import Config, config_diff, from_dict, keys_marked, normalized, to_dict
 from mgssl.train.runlock import RunFolderError, lock_run_folder
 from mgssl.train.schedule import learning_rate, plan
 
@@ -116,21 +115,8 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
     return state
 
 
-def run_estimator(cfg: Config) -> str:
-    """The estimator the run's meta steps use (`method.estimator=auto` resolved by train.precision)."""
-    return resolve_estimator(cfg.method.estimator, cfg.train.precision != "fp32")
-
-
-def with_resolved_estimator(config: dict) -> dict:
-    """A config dict whose method.estimator names what runs, so that `auto` and the estimator it
-    resolves to count as the same setting on resume."""
-    method, train = config.get("method", {}), config.get("train", {})
-    estimator = resolve_estimator(method.get("estimator", "auto"), train.get("precision", "fp32") != "fp32")
-    return {**config, "method": {**method, "estimator": estimator}}
-
-
 def check_resume_config(saved: dict, cfg: Config) -> None:
-    changes = [c for c in config_diff(with_resolved_estimator(saved), with_resolved_estimator(to_dict(cfg)))
+    changes = [c for c in config_diff(normalized(saved), to_dict(cfg))
                if not c.startswith(RESUMABLE_CHANGES)]
     if changes:
         raise ValueError("the config differs from the one the run was started with:\n  " + "\n  ".join(changes) +
@@ -201,7 +187,7 @@ def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, st
     if not d.is_main:
         agree(d, lambda: None)
         return
-    info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit, "estimator": run_estimator(cfg),
+    info = {"command": launch_command(argv), "argv": argv, "git_commit": git_commit, "estimator": cfg.method.estimator,
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "host": socket.gethostname(),
