@@ -3,7 +3,6 @@ each is refused in one line before the run folder is touched, or trains."""
 import errno
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
