@@ -1,24 +1,26 @@
 """Data on disk -> paired labeled/unlabeled batches on the training device.
 
 `pipelines` never imports `model` or `train`."""
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from mgssl.pipelines.config import DATASETS, DataConfig
-from mgssl.pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts
+from mgssl.pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts, train_set_sha256
+from mgssl.runfolder import SPLIT as SPLIT_FILE
 
-SPLIT_FILE = "labeled_split.json"
 
-
-def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int) -> LabelSplit:
+def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int, classes=None, names=()) -> LabelSplit:
     """The labeled split of a run: the file named by data.split_file (a resume names the one its run
-    saved), else a new one drawn from the seed. Every rank computes the same split."""
+    saved), else a new one drawn from the seed. Every rank computes the same split. The split keeps
+    the class names and a fingerprint of the training set, and a saved one is refused for another."""
     source = cfg.split_file
+    sha = train_set_sha256(labels, names)
     if source is None:
-        return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name)
-    split = load_split(source, cfg.name, labels)
+        return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name, classes, sha)
+    split = load_split(source, cfg.name, labels, classes, sha)
     wanted = int(per_class_counts(np.asarray(labels, dtype=np.int64), num_classes, cfg.labels).sum())
     if len(split.labeled) != wanted:
         raise ValueError(f"{source} holds {len(split.labeled)} labeled images but data.labels={cfg.labels} asks for "
@@ -53,7 +55,9 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
         from mgssl.pipelines.imagenet import ImageFolderData
 
         folders = load_image_folders(cfg.root, cfg.name)
-        split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed)
+        root = str(Path(cfg.root).expanduser())
+        names = [os.path.relpath(f, root) for f in folders.train_files]
+        split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed, folders.classes, names)
         return ImageFolderData(folders, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                                eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
@@ -78,8 +82,12 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
                         eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
 
 
-def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int) -> LabelSplit:
-    split = resolve_split(cfg, labels, num_classes, seed)
+def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, classes=None, names=()) -> LabelSplit:
+    if num_classes < 2:
+        found = f" ({', '.join(classes)})" if classes else ""
+        raise ValueError(f"data.root={cfg.root!r} holds one class{found}; a classifier needs at least two classes "
+                         "of training images: add the other class folders")
+    split = resolve_split(cfg, labels, num_classes, seed, classes, names)
     if cfg.unlabeled == "disjoint" and len(split.labeled) == split.train_size:
         raise ValueError(f"data.labels={cfg.labels} labels all {split.train_size} training images, so the disjoint "
                          "unlabeled set is empty; ask for fewer labels, or set data.unlabeled=all")

@@ -1,6 +1,8 @@
 """What the data stage needs to know. Filled from the `data:` section of an experiment YAML."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
+
+from mgssl import runfolder as rf
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet")
 
@@ -8,16 +10,18 @@ DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet")
 @dataclass
 class DataConfig:
     name: str = "digits"  # digits | cifar10 | cifar100 | svhn | imagenet
-    root: Optional[str] = None  # folder holding the data set files (not needed for digits)
+    # folder holding the data set files (not needed for digits)
+    root: Optional[str] = field(default=None, metadata=rf.HOW_RUN)
     labels: Union[int, float] = 50  # int: labeled images, equal per class; float < 1: fraction of each class
-    split_file: Optional[str] = None  # reuse the labeled split saved by another run
+    # reuse the labeled split saved by another run
+    split_file: Optional[str] = field(default=None, metadata=rf.NOT_EXPERIMENT)
     unlabeled: str = "disjoint"  # "disjoint": labeled images left out of the unlabeled set; "all": kept in
     batch_size: int = 32  # GLOBAL labeled batch, summed over GPUs; the unlabeled batch is the same size
-    eval_batch_size: int = 500  # global
+    eval_batch_size: int = field(default=500, metadata=rf.HOW_RUN)  # global
     augment: str = "paper"  # ImageNet crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
     on_corrupt: str = "skip"  # ImageNet files that fail to decode: "skip" warns with the file's name, notes it in
     # corrupt_files.txt in the run folder and uses the next image instead; "error" stops, naming the file
-    workers: int = 4  # CPU threads for decoding (ImageNet only)
+    workers: int = field(default=4, metadata=rf.HOW_RUN)  # CPU threads for decoding (ImageNet only)
     image_size: int = 224  # ImageNet crop side
     resize_size: int = 256  # ImageNet shortest edge before the crop ("paper" training and all evaluation)
     download: bool = False  # CIFAR/SVHN: fetch the files into data.root when missing (never by default)
@@ -38,5 +42,7 @@ class DataConfig:
         if not 0 < self.image_size <= self.resize_size:
             raise ValueError(f"data.image_size={self.image_size} must be positive and at most "
                              f"data.resize_size={self.resize_size}")
+        if self.workers < 1:
+            raise ValueError(f"data.workers={self.workers}: the decoding pipeline needs at least 1 CPU thread")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from mgssl import runfolder as rf
 from mgssl.pipelines.streams import IndexStream
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, as fractions of 255
@@ -33,7 +34,6 @@ STD = (0.229, 0.224, 0.225)
 # DALI's prefetch queue: batches the pipeline prepares ahead of the one asked for, so that pipe.run()
 # finds its batch ready. A failure may surface this many batches late.
 PREFETCH = 2
-CORRUPT_LOG = "corrupt_files.txt"
 
 
 class CorruptImageError(RuntimeError):
@@ -306,8 +306,7 @@ class CorruptFiles:
                           f"(data.on_corrupt=skip)", RuntimeWarning, stacklevel=3)
             print(f"[data] skipping undecodable image {path}", file=sys.stderr, flush=True)
             if self.run_dir is not None:
-                with open(Path(self.run_dir) / CORRUPT_LOG, "a") as f:
-                    f.write(path + "\n")
+                rf.append_text(Path(self.run_dir) / rf.CORRUPT, path + "\n")  # never through a planted link
 
 
 class FileStream:

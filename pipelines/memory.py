@@ -66,7 +66,8 @@ class PairedBatches:
         li = self.labeled_idx[self._to_device(self.labeled.next_batch())]
         ui = self.unlabeled_idx[self._to_device(self.unlabeled.next_batch())]
         # The augmentation seed is a function of (seed, rank, batch number): resuming needs no RNG state.
-        self.gen.manual_seed((self.seed * 7919 + self.rank) * 1_000_003 + self.batches)
+        # Taken modulo 2**64, the generator's range, so that every accepted seed (up to 2**32 - 1) works.
+        self.gen.manual_seed(((self.seed * 7919 + self.rank) * 1_000_003 + self.batches) % 2**64)
         self.batches += 1
         return self._augment(li), self.train.labels[li], self._augment(ui)  # (B,C,H,W), (B,), (B,C,H,W)
 

@@ -22,6 +22,14 @@ def _latin1_encode(text, encoding="latin1"):
     return codecs.encode(text, "latin1")
 
 
+def _empty_bytes(*args):
+    # Python 3 writes b"" into protocol-2 pickles as a call of bytes() with no argument; bytes(n) would
+    # allocate n bytes, so only the empty call is taken.
+    if args:
+        raise UnsafePickleError(f"bytes{args!r:.40}")
+    return b""
+
+
 def _numpy_core(module: str, name: str):
     # Files name numpy.core (NumPy 1) or numpy._core (NumPy 2); take the function from whichever exists.
     for candidate in (f"numpy._core.{module}", f"numpy.core.{module}"):
@@ -38,6 +46,8 @@ _ALLOWED = {
     ("numpy", "ndarray"): lambda: importlib.import_module("numpy").ndarray,
     ("numpy", "dtype"): lambda: importlib.import_module("numpy").dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
+    ("__builtin__", "bytes"): lambda: _empty_bytes,
+    ("builtins", "bytes"): lambda: _empty_bytes,
     **{(f"numpy.{core}.{module}", name): (lambda module=module, name=name: _numpy_core(module, name))
        for core in ("core", "_core")
        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},

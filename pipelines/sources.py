@@ -95,7 +95,11 @@ def _cifar_labels(batch: dict, key: bytes, count: int, path: Path, num_classes: 
     if labels is None or len(labels) != count:
         raise ValueError(f"{path} has no {key.decode()!r} list of {count} labels; is it the right CIFAR pickle "
                          f"(CIFAR-10 has 'labels', CIFAR-100 'fine_labels')?")
-    labels = np.asarray(labels, dtype=np.int64)
+    raw = np.asarray(labels)
+    if raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not bool((raw == np.round(raw)).all())):
+        raise ValueError(f"{path}: {key.decode()!r} holds {raw.dtype} values that are not whole class numbers; "
+                         "the published files store integers, so download the file again")
+    labels = raw.astype(np.int64)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"{path} has labels outside 0..{num_classes - 1}; is it the right CIFAR pickle?")
     return labels

@@ -1,14 +1,17 @@
 """Category-balanced labeled subsets, drawn with a seed and saved as a file that runs can share.
 
 A split is a JSON file holding the indices of the labeled training images plus what they index
-(data set name and size), so a split made for one data set cannot be applied to another."""
+(data set name and size, class names, and a fingerprint of the training labels and file names), so a
+split made for one data set cannot be applied to another, nor to one whose classes were renamed."""
+import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
+
+from mgssl.runfolder import RunFileError, read_json, write_atomic
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,8 @@ class LabelSplit:
     train_size: int
     seed: int
     labeled: np.ndarray  # sorted indices into the training set, int64
+    classes: Optional[tuple] = None  # class names, index = label (folder data sets)
+    train_sha256: Optional[str] = None  # train_set_sha256 of the set the indices point into
 
     def unlabeled(self, include_labeled: bool) -> np.ndarray:
         """Indices of the unlabeled set: everything, or everything but the labeled images."""
@@ -26,14 +31,42 @@ class LabelSplit:
         mask[self.labeled] = False
         return np.flatnonzero(mask).astype(np.int64)
 
+    def to_json(self) -> str:
+        payload = {"dataset": self.dataset, "train_size": self.train_size, "seed": self.seed,
+                   "classes": None if self.classes is None else list(self.classes),
+                   "train_sha256": self.train_sha256, "num_labeled": len(self.labeled),
+                   "labeled": self.labeled.tolist()}
+        return json.dumps(payload)
+
     def save(self, path: Union[str, Path]) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"dataset": self.dataset, "train_size": self.train_size, "seed": self.seed,
-                   "num_labeled": len(self.labeled), "labeled": self.labeled.tolist()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json())
+
+    def check_same_train_set(self, classes: Optional[Sequence[str]], train_sha256: Optional[str], source: str) -> None:
+        """Refuse a training set other than the one this split indexes (renamed classes, other files)."""
+        if self.classes is not None and classes is not None and list(self.classes) != list(classes):
+            changed = [f"{a!r} -> {b!r}" for a, b in zip(self.classes, classes) if a != b][:3]
+            raise ValueError(f"{source} was made for the classes {_names(self.classes)} but data.root now holds "
+                             f"{_names(classes)} ({', '.join(changed) or 'a different count'}): the labels would be "
+                             "permuted. Restore the class folders' names, or start a new run")
+        if self.train_sha256 is not None and train_sha256 is not None and self.train_sha256 != train_sha256:
+            raise ValueError(f"{source} was made for another list of training images and labels than data.root now "
+                             "holds (files added, removed or renamed): its indices would point at other images. "
+                             "Restore the data as it was, or start a new run")
+
+
+def _names(classes: Sequence[str]) -> str:
+    return ", ".join(list(classes)[:5]) + (f" ... ({len(classes)} in all)" if len(classes) > 5 else "")
+
+
+def train_set_sha256(labels: np.ndarray, names: Sequence[str] = ()) -> str:
+    """SHA-256 of the training labels in order and, for data sets of files, each file's name below
+    data.root: moving the data elsewhere keeps it, renaming a class or a file changes it."""
+    digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    for name in names:
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
 
 
 def per_class_counts(labels: np.ndarray, num_classes: int, request: Union[int, float]) -> np.ndarray:
@@ -55,7 +88,8 @@ def per_class_counts(labels: np.ndarray, num_classes: int, request: Union[int, f
 
 
 def balanced_split(labels: np.ndarray, num_classes: int, request: Union[int, float], seed: int,
-                   dataset: str) -> LabelSplit:
+                   dataset: str, classes: Optional[Sequence[str]] = None, train_sha256: Optional[str] = None
+                   ) -> LabelSplit:
     """The same number of labeled images per class (or the same fraction), drawn with `seed`."""
     labels = np.asarray(labels, dtype=np.int64)
     counts = per_class_counts(labels, num_classes, request)
@@ -65,19 +99,35 @@ def balanced_split(labels: np.ndarray, num_classes: int, request: Union[int, flo
     ends = np.cumsum(sizes)
     chosen = [rng.choice(by_class[end - n:end], size=counts[c], replace=False)
               for c, (end, n) in enumerate(zip(ends, sizes))]
-    return LabelSplit(dataset, len(labels), seed, np.sort(np.concatenate(chosen)).astype(np.int64))
+    return LabelSplit(dataset, len(labels), seed, np.sort(np.concatenate(chosen)).astype(np.int64),
+                      None if classes is None else tuple(classes), train_sha256)
 
 
-def load_split(path: Union[str, Path], dataset: str, labels: np.ndarray) -> LabelSplit:
+def load_split(path: Union[str, Path], dataset: str, labels: np.ndarray, classes: Optional[Sequence[str]] = None,
+               train_sha256: Optional[str] = None) -> LabelSplit:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.split_file={str(path)!r} does not exist; point it at the "
                                 "labeled_split.json of an earlier run, or leave it null to draw a new split")
-    payload = json.loads(path.read_text())
+    fix = "it is not a labeled split of mgssl; restore it from a copy, or drop data.split_file to draw a new split"
+    try:
+        payload = read_json(path, fix)
+    except RunFileError as e:
+        raise ValueError(str(e)) from None
     if payload.get("dataset") != dataset or payload.get("train_size") != len(labels):
         raise ValueError(f"{path} is a split of {payload.get('dataset')!r} with {payload.get('train_size')} "
                          f"training images, but this run uses {dataset!r} with {len(labels)}")
-    labeled = np.asarray(payload["labeled"], dtype=np.int64)
+    indices = payload.get("labeled")
+    if not isinstance(indices, list) or not indices or not all(type(i) is int for i in indices):
+        raise ValueError(f"{path} is damaged (its 'labeled' entry is not a non-empty list of whole numbers); {fix}")
+    labeled = np.asarray(indices, dtype=np.int64)
     if len(np.unique(labeled)) != len(labeled) or labeled.min() < 0 or labeled.max() >= len(labels):
         raise ValueError(f"{path} holds repeated or out-of-range indices; it is damaged")
-    return LabelSplit(dataset, len(labels), int(payload.get("seed", -1)), np.sort(labeled))
+    saved_classes = payload.get("classes")
+    split = LabelSplit(dataset, len(labels), int(payload.get("seed", -1)), np.sort(labeled),
+                       None if saved_classes is None else tuple(saved_classes), payload.get("train_sha256"))
+    split.check_same_train_set(classes, train_sha256, str(path))
+    if split.classes is None and split.train_sha256 is None:  # a split saved before these were kept
+        split = LabelSplit(dataset, len(labels), split.seed, split.labeled, None if classes is None else
+                           tuple(classes), train_sha256)
+    return split

@@ -8,7 +8,7 @@ from mgssl.tools import gpu_check
 
 @pytest.mark.slow
 def test_the_dry_run_runs_every_check_and_writes_one_table(tmp_path):
-    rows = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    rows = gpu_check.run_checks(["--dry-run", "--out", str(tmp_path)])
     checks = {r.check for r in rows}
     assert {"CUDA tests", "host syncs / step", "fidelity ∇ỹ", "bench", "collectives", "real run", "resume"} <= checks
     assert [r for r in rows if r.status == "FAIL"] == []

@@ -238,7 +238,7 @@ def signals_fail_the_test():
     def unhandled(signum, frame):
         raise AssertionError(f"{signal.Signals(signum).name} was not handled by the run")
 
-    previous = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
     yield
     for s, handler in previous.items():
         signal.signal(s, handler)
@@ -292,8 +292,8 @@ def test_sigterm_saves_where_it_stopped_and_the_resume_is_bit_identical(tmp_path
     assert without_time(read_metrics(stopped)) == without_time(read_metrics(straight))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
-def test_sigint_and_sigusr1_stop_with_a_checkpoint_too(tmp_path, monkeypatch, capsys, signals_fail_the_test,
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
+def test_sigint_sighup_and_sigusr1_stop_with_a_checkpoint_too(tmp_path, monkeypatch, capsys, signals_fail_the_test,
                                                       signum):
     signal_during_step(monkeypatch, 2, signum)
     assert main(["digits", "--out", str(tmp_path), "--set", *STOP]) == EXIT_STOPPED

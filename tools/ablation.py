@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import mgssl
-from mgssl.tools.runs import CONFIG, FINAL, METRICS, NOT_THE_EXPERIMENT, TABLE4_ROWS, TABLE4_VARIANTS, is_run_dir, normalized_config
+from mgssl.tools.runs import (FINAL, METRICS, TABLE4_ROWS, TABLE4_VARIANTS, RunSelectionError, is_run_dir,
+                               normalized_config, not_the_experiment, output_error, read_config, read_final)
 
 # The folder that holds the mgssl package: site-packages for an install, the checkout for a source tree.
 PACKAGE_ROOT = Path(mgssl.__file__).resolve().parent.parent
@@ -121,16 +122,15 @@ def settings_differ(run: Planned) -> list[str]:
     run also those a resume may change, such as the step count)."""
     import yaml
 
-    path = run.path / CONFIG
-    if not path.is_file():
+    saved = read_config(run.path)  # a damaged config.yaml is a RunSelectionError that names it
+    if not saved:
         return []
-    saved = normalized_config(yaml.safe_load(path.read_text()) or {})
     wanted = normalized_config(yaml.safe_load(yaml.safe_dump(run.config)))  # as the run folder would hold it
-    ignore = set(NOT_THE_EXPERIMENT) - {"seed"}
+    ignore = set(not_the_experiment()) - {"seed"}
     if run.state == "unfinished":
-        from mgssl.train.rundir import RESUMABLE_CHANGES
+        from mgssl.train.config import keys_marked
 
-        ignore |= set(RESUMABLE_CHANGES)
+        ignore |= set(keys_marked("resumable"))
     return [f"{k}: {saved.get(k, '<absent>')!r} there, {wanted.get(k, '<absent>')!r} here"
             for k in sorted(set(saved) | set(wanted)) if k not in ignore and saved.get(k) != wanted.get(k)]
 
@@ -274,9 +274,14 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path, gpus: Op
                     free_gpus.append(gpu)
                 done += 1
                 took = _clock(time.monotonic() - started)
+                final_error = None
                 if proc.returncode == 0 and (run.path / FINAL).is_file():
-                    error = json.loads((run.path / FINAL).read_text()).get("test_error")
-                    say(f"finished {run.name} in {took}: test error {100 * error:.2f}%")
+                    try:
+                        final_error = read_final(run.path)["test_error"]
+                    except RunSelectionError as e:
+                        say(f"failed {run.name}: {e}")
+                if final_error is not None:
+                    say(f"finished {run.name} in {took}: test error {100 * final_error:.2f}%")
                 else:
                     failed.append(run)
                     say(f"failed {run.name} (exit {proc.returncode}) after {took}: {_last_line(logs / f'{run.name}.log')} "
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
             raise StudyError("--jobs and --threads must be at least 1")
         runs = plan(args.config, parse_seeds(args.seeds), parse_rows(args.rows), args.overrides, args.out)
         check_existing(runs)
-    except StudyError as e:
+    except (StudyError, RunSelectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -348,7 +353,10 @@ def main(argv=None) -> int:
     # `kill PID` (SIGTERM), and SIGINT where the shell started the study with it ignored, stop it as Ctrl-C does.
     before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        failed = run_all(todo, jobs=jobs, threads=args.threads, out=args.out, gpus=gpus, say=say)
+        run_all(todo, jobs=jobs, threads=args.threads, out=args.out, gpus=gpus, say=say)
+    except OSError as e:  # the study's own folder (its logs) cannot be written
+        print(f"error: {output_error(e, '--out')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
@@ -361,7 +369,14 @@ def main(argv=None) -> int:
     existing = [r.path for r in runs if r.path.is_dir()]
     if any((path / FINAL).is_file() for path in existing):
         command = "python -m mgssl.tools.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
-        report = build_report(existing, args.out, command=command, warn=lambda text: None)
+        try:
+            report = build_report(existing, args.out, command=command, warn=lambda text: None)
+        except RunSelectionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"error: {output_error(e, '--out')}", file=sys.stderr)
+            return 2
         say(f"wrote {report.path}")
     unfinished = [r.name for r in runs if r.state != "finished"]
     if unfinished:

@@ -319,7 +319,8 @@ def print_table(s: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
+def run_bench(argv=None) -> dict:
+    """Parse `argv`, measure, print; returns the summary."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -376,5 +377,10 @@ def main(argv=None) -> dict:
     return s
 
 
+def main(argv=None) -> int:
+    run_bench(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

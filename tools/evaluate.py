@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from mgssl.tools.runs import output_error
+
 
 def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = "cpu",
                         precision: Optional[str] = None, warn=print) -> dict:
@@ -49,6 +51,10 @@ def main(argv=None) -> int:
                    "('-' prints it instead of the text lines)")
     args = p.parse_args(argv)
     warn = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.json is not None and str(args.json) != "-" and args.json.is_dir():  # before the evaluation, not after
+        print(f"error: --json {args.json} is a folder; name the file to write, e.g. {args.json / 'eval.json'}",
+              file=sys.stderr)
+        return 2
     try:
         result = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, device=args.device,
                                      precision=args.precision, warn=warn)
@@ -63,8 +69,12 @@ def main(argv=None) -> int:
     if "top5_error" in result:
         print(f"test error top-5: {100 * result['top5_error']:.2f}%")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            print(f"error: {output_error(e, '--json')}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -22,6 +22,7 @@ running statistics set from the two batches so that eval mode normalises as a tr
 import argparse
 import copy
 import json
+import sys
 import time
 from typing import Optional
 
@@ -193,7 +194,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def run_fidelity(argv=None) -> dict:
+    """Parse `argv`, measure, print; returns the result."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,5 +214,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def main(argv=None) -> int:
+    run_fidelity(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,7 @@ Sized for at most 8 minutes on one H100/H200 with torch and torchvision; DALI (t
 is not checked here. A check that would not finish inside --budget-s is skipped and says so. With
 --dry-run every check runs on the CPU at tiny sizes (digits network, gloo), in about a minute."""
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 import mgssl
+from mgssl import runfolder as rf
 
 # The folder that holds the mgssl package: the source checkout (with tests/), or site-packages for an install.
 REPO = Path(mgssl.__file__).resolve().parent.parent
@@ -248,15 +249,12 @@ def check_fidelity(plan: Plan, timeout: float) -> list[Row]:
             rows.append(Row("fidelity ∇ỹ", f"{model_name} {batch_size}+{batch_size} {side}px {precision}",
                             f"fd {cos['fd']:.6f}, jvp {cos['jvp']:.6f}", f"≥ {GOAL_FIDELITY}",
                             "ok" if worst >= GOAL_FIDELITY else "missed"))
-    if importlib.util.find_spec("mgssl.tools.fidelity") is None:
-        rows.append(Row("tools.fidelity", "-", "skipped: tools.fidelity is not in this checkout", status="skipped"))
-    else:
-        # tools.fidelity computes on the CPU (fidelity is a property of the arithmetic): the paper's
-        # Conv-Large batch on the check's machine, two images in the rehearsal.
-        argv = ["--network", "convlarge", "--precision", "bf16"] + (["--batch", "2", "--threads", "1"] if plan.dry_run else [])
-        rc, text = run_module("mgssl.tools.fidelity", argv, isolate=True, timeout=timeout)
-        tail = " / ".join(text.strip().splitlines()[-3:])[:400]
-        rows.append(Row("tools.fidelity", " ".join(argv), tail, status="ok" if rc == 0 else "FAIL"))
+    # tools.fidelity computes on the CPU (fidelity is a property of the arithmetic): the paper's
+    # Conv-Large batch on the check's machine, two images in the rehearsal.
+    argv = ["--network", "convlarge", "--precision", "bf16"] + (["--batch", "2", "--threads", "1"] if plan.dry_run else [])
+    rc, text = run_module("mgssl.tools.fidelity", argv, isolate=True, timeout=timeout)
+    tail = " / ".join(text.strip().splitlines()[-3:])[:400]
+    rows.append(Row("tools.fidelity", " ".join(argv), tail, status="ok" if rc == 0 else "FAIL"))
     return rows
 
 
@@ -316,7 +314,7 @@ def train_run(plan: Plan, root: Path, out: Path, steps: int, extra: tuple, resum
     rc, text = run_module("mgssl.train.cli", argv, isolate=not plan.dry_run, timeout=timeout)
     if rc != 0:
         raise RuntimeError(f"python -m mgssl.train {' '.join(argv)} failed (rc {rc}): {text.strip()[-300:]}")
-    return json.loads((out / "final.json").read_text())
+    return rf.read_json(out / rf.FINAL, "rerun the check")
 
 
 def check_real_run(plan: Plan, root: Optional[Path], work: Path, timeout: float) -> list[Row]:
@@ -331,8 +329,8 @@ def check_real_run(plan: Plan, root: Optional[Path], work: Path, timeout: float)
         train_run(plan, root, speed, n, (), False, timeout)
         # Throughput of the last logging window (the first holds the warm-up).
         last = read_metrics(speed, "train")[-1]
-        batch = json.loads((speed / "runs.jsonl").read_text().splitlines()[0])["global_batch"]
-        final = json.loads((speed / "final.json").read_text())
+        batch = rf.read_records(speed / rf.RUNS, warn=print)[0]["global_batch"]
+        final = rf.read_json(speed / rf.FINAL, "rerun the check")
         rows.append(Row("real run", f"{plan.run_config}, {data}, {n} steps",
                         f"{last['pairs_per_s'] / batch:.1f} steps/s in the last window, test error "
                         f"{final['test_error']:.4f}", "report"))
@@ -416,7 +414,8 @@ def markdown(rows: list[Row], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[Row]:
+def run_checks(argv=None) -> list[Row]:
+    """Every check, its table written to --out; returns the rows."""
     args = parse_args(argv)
     plan = Plan.of(args.dry_run)
     from mgssl.train.engine import git_commit
@@ -484,5 +483,10 @@ def main(argv=None) -> list[Row]:
     return rows
 
 
+def main(argv=None) -> int:
+    rows = run_checks(argv)
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -241,8 +241,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as e:
+            from mgssl.tools.runs import output_error
+
+            print(f"error: {output_error(e, '--json')}", file=sys.stderr)
+            return 2
     if args.plot is not None:
         plot(results, args.plot)
     return 0

@@ -155,14 +155,5 @@ def _class_colours(num_classes: int):
     return colormaps["hsv"].resampled(num_classes)
 
 
-def png_size(path: Path) -> Optional[tuple[int, int]]:
-    """(width, height) in pixels of a PNG file, from its header."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if head[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-
-
 if __name__ == "__main__":  # a library: `python -m` on it would otherwise print nothing and exit 0
     sys.exit("mgssl.tools.plots is a library, not a command; `mgssl --help` lists the commands")

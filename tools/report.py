@@ -20,7 +20,7 @@ from typing import Optional
 
 from mgssl.tools.stats import PairedTests, paired_tests, with_holm
 from mgssl.tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
-                        experiment_key, read_metric_rows, select_runs)
+                        experiment_key, output_error, read_metric_rows, select_runs)
 
 # The errors of final.json a table can show: key -> (column heading, what it is). The default,
 # test_error, is the last evaluation, the number SSL papers report at the end of training.
@@ -490,6 +490,9 @@ def main(argv=None) -> int:
         report = build_report(args.runs, args.out, args.metric, command)
     except RunSelectionError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {output_error(e, '--out')}", file=sys.stderr)
         return 2
     print(f"wrote {report.path} ({len(report.runs)} runs, {len(report.figures)} figures, "
           f"{len(report.tables)} ablation tables)")

@@ -1,28 +1,25 @@
 """Reading the folders that `python -m mgssl.train` writes, and restoring a saved network with its data.
 
-A run folder holds final.json (written last, so its presence means the run finished), metrics.jsonl,
-config.yaml, runs.jsonl, labeled_split.json and checkpoints/last.pt."""
-import json
+The folder's files and how each is opened and read are defined in mgssl/runfolder.py; a damaged one is
+an error that names it."""
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-FINAL = "final.json"
-METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-SPLIT = "labeled_split.json"
-CHECKPOINT = Path("checkpoints") / "last.pt"
-# Files that only a run folder holds: one with any of them but no final.json is an unfinished run.
-RUN_MARKERS = (CONFIG, METRICS, "runs.jsonl", CHECKPOINT.as_posix())
+from mgssl import runfolder as rf
+from mgssl.runfolder import CONFIG, FINAL, METRICS, SPLIT
 
-# Config keys that do not change what a run learns (logging, paths, the evaluation batch), and the
-# seed: runs that differ only in these are repeats of one experiment.
-NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size", "data.split_file",
-                      "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_last_evals",
-                      "train.progress", "train.tensorboard", "train.device", "train.compile",
-                      "train.cudnn_benchmark", "train.deterministic", "train.tf32")
+CHECKPOINT = Path(rf.CHECKPOINT)
+
+
+def not_the_experiment() -> tuple[str, ...]:
+    """Config keys that do not change what a run learns (logging, paths, the evaluation batch) and the
+    seed: runs that differ only in these are repeats of one experiment (field metadata NOT_EXPERIMENT)."""
+    from mgssl.train.config import keys_marked
+
+    return keys_marked("not_experiment")
 # The switches that Table 4 varies, and the baseline switch.
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
 # The rows of an ablation study: the labeled-only baseline and Table 4's rows 1-4, each as the
@@ -48,6 +45,12 @@ FINAL_TO_CONFIG = {"dataset": "data.name", "model": "model.name", "num_labels": 
 
 class RunSelectionError(ValueError):
     pass
+
+
+def output_error(e: OSError, option: str) -> str:
+    """One line for an output path a tool cannot write (read-only, too long, a file in the way)."""
+    where = e.filename or "the output"
+    return f"cannot write {where} ({e.strerror or e}); choose another {option}"
 
 
 @dataclass
@@ -102,7 +105,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / marker).exists() for marker in RUN_MARKERS)
+    return any((path / marker).exists() for marker in rf.MARKERS)
 
 
 def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
@@ -116,7 +119,7 @@ def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
             raise RunSelectionError(f"{root} is a file; pass the run folder that holds it (e.g. {root.parent})")
         candidates = [root] if is_run_dir(root) or (root / FINAL).is_file() else []
         candidates += sorted(p for p in root.rglob("*") if p.is_dir() and ((p / FINAL).is_file() or is_run_dir(p))
-                             and p.name != "checkpoints")
+                             and p.name != rf.CHECKPOINTS)
         for path in candidates:
             if path.resolve() in seen:
                 continue
@@ -125,27 +128,25 @@ def find_runs(paths: Iterable) -> tuple[list[Path], list[Path]]:
     return finished, unfinished
 
 
-def read_evals(run_dir: Path) -> list[dict]:
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def read_evals(run_dir: Path, warn: Callable[[str], None] = _warn) -> list[dict]:
     """Test evaluations from metrics.jsonl; a resumed run may repeat a step, and its later row wins."""
-    return read_metric_rows(run_dir, "eval")
+    return [row for row in read_metric_rows(run_dir, "eval", warn) if isinstance(row.get("top1_error"), (int, float))]
 
 
-def read_metric_rows(run_dir: Path, kind: str) -> list[dict]:
-    """The rows of one kind ("eval", "train") from metrics.jsonl, one per step, in step order."""
+def read_metric_rows(run_dir: Path, kind: str, warn: Callable[[str], None] = _warn) -> list[dict]:
+    """The rows of one kind ("eval", "train") from metrics.jsonl, one per step, in step order. A line cut
+    by a crash mid-write, or damaged, is skipped with a warning that names it."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     by_step = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash mid-write: skip it, keep the rest
-            print(f"warning: {path}:{number} is not JSON; skipped", file=sys.stderr)
-            continue
-        if row.get("kind") == kind and "step" in row:
-            by_step[int(row["step"])] = row
+    for row in rf.read_records(path, warn):
+        if row.get("kind") == kind and isinstance(row.get("step"), int):
+            by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -160,48 +161,58 @@ def at_common_steps(seeds: list[list[dict]], key: str) -> tuple[list[int], list[
 def normalized_config(tree: dict) -> dict:
     """A saved config as today's code reads it, flattened: keys added since the run was made take
     their defaults, and method.estimator names the estimator that runs (`auto` resolved), so that
-    an older run and a new one of the same experiment compare equal. A config today's code cannot
-    read is compared as it was saved."""
-    from mgssl.train.config import Config, from_dict, to_dict
-    from mgssl.train.rundir import with_resolved_estimator
+    an older run and a new one of the same experiment compare equal."""
+    from mgssl.train.config import normalized
 
-    try:
-        return flatten(with_resolved_estimator(to_dict(from_dict(Config, tree))))
-    except (KeyError, ValueError, TypeError):
-        return flatten(tree)
+    return flatten(normalized(tree))
+
+
+DAMAGED = "restore it from a copy, or remove the run folder and train it again"
 
 
 def read_config(run_dir: Path) -> dict:
+    """The run's config.yaml, flattened and normalised; {} if it has none."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         return {}
     import yaml
 
-    return normalized_config(yaml.safe_load(path.read_text()) or {})
+    try:
+        tree = yaml.safe_load(rf.read_text(path, DAMAGED))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RunSelectionError(f"{path} is damaged (not YAML{where}); {DAMAGED}") from None
+    except rf.RunFileError as e:
+        raise RunSelectionError(str(e)) from None
+    if tree is not None and not isinstance(tree, dict):
+        raise RunSelectionError(f"{path} is damaged (not a mapping of config keys); {DAMAGED}")
+    return normalized_config(tree or {})
+
+
+def read_final(run_dir: Path) -> dict:
+    """final.json of a finished run, with a numeric test_error; else one line naming the file."""
+    path = Path(run_dir) / FINAL
+    try:
+        final = rf.read_json(path, DAMAGED)
+    except rf.RunFileError as e:
+        raise RunSelectionError(str(e)) from None
+    if not isinstance(final.get("test_error"), (int, float)) or isinstance(final.get("test_error"), bool):
+        raise RunSelectionError(f"{path} has no numeric test_error; it is damaged or was not written by "
+                                f"`python -m mgssl.train`: {DAMAGED}")
+    return final
 
 
 def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
-    try:
-        final = json.loads((run_dir / FINAL).read_text())
-    except json.JSONDecodeError as e:
-        raise RunSelectionError(f"{run_dir / FINAL} is not valid JSON ({e}); rerun the run or remove the folder") from e
-    if "test_error" not in final:
-        raise RunSelectionError(f"{run_dir / FINAL} has no test_error; it was not written by `python -m mgssl.train`")
-    return Run(run_dir, final, read_config(run_dir), read_evals(run_dir), read_commands(run_dir))
+    return Run(run_dir, read_final(run_dir), read_config(run_dir), read_evals(run_dir), read_commands(run_dir))
 
 
 def read_commands(run_dir: Path) -> list[str]:
-    path = Path(run_dir) / "runs.jsonl"
+    path = Path(run_dir) / rf.RUNS
     if not path.is_file():
         return []
-    commands = []
-    for line in path.read_text().splitlines():
-        try:
-            commands.append(json.loads(line)["command"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return commands
+    return [r["command"] for r in rf.read_records(path, warn=lambda text: None) if isinstance(r.get("command"), str)]
 
 
 def name_runs(runs: list[Run]) -> None:
@@ -242,7 +253,7 @@ def natural_key(text: str) -> list:
 def experiment_key(run: Run, also_ignore: tuple = ()) -> tuple:
     """What makes runs repeats of one experiment: the config less seeds, logging and paths (and
     `also_ignore`); from final.json where config.yaml is missing."""
-    ignore = NOT_THE_EXPERIMENT + tuple(also_ignore)
+    ignore = not_the_experiment() + tuple(also_ignore)
     if run.config:
         return tuple(sorted((k, repr(v)) for k, v in run.config.items() if k not in ignore))
     return tuple((key, repr(run.final.get(name))) for name, key in FINAL_TO_CONFIG.items() if key not in ignore)
@@ -286,7 +297,7 @@ def checkpoint_path(path) -> Path:
 def run_dir_of(checkpoint: Path) -> Optional[Path]:
     """The run folder of <run>/checkpoints/<file>.pt, if that is where the checkpoint lies."""
     parent = checkpoint.resolve().parent
-    if parent.name == "checkpoints" and ((parent.parent / CONFIG).is_file() or (parent.parent / SPLIT).is_file()):
+    if parent.name == rf.CHECKPOINTS and ((parent.parent / CONFIG).is_file() or (parent.parent / SPLIT).is_file()):
         return parent.parent
     return None
 
@@ -302,7 +313,7 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
 
     checkpoint = checkpoint_path(path)
     state = ckpt.load(checkpoint)
-    if "model" not in state or "config" not in state:
+    if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
         raise ValueError(f"{checkpoint} has no 'model' and 'config' entries; it is not a checkpoint of "
                          "`python -m mgssl.train` (checkpoints/last.pt in a run folder is)")
     config = dict(state["config"])
@@ -327,7 +338,12 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
                        ("cpu" if device == "auto" else device))
     data = build_data(cfg.data, seed=cfg.seed, device=dev)
     net = cfg.model.build(data.num_classes, data.in_channels).to(dev)
-    net.load_state_dict(state["model"])
+    try:
+        net.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the weights in {checkpoint} do not fit its own config's {cfg.model.name} ({first[:200]}); "
+                         "the checkpoint is damaged: restore it from a copy") from None
     net.eval()
     return Restored(checkpoint, run_dir, state, cfg, net, data, dev)
 

@@ -92,8 +92,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from mgssl.tools.plots import save
+    from mgssl.tools.runs import output_error
 
-    save(fig, args.out, dpi=args.dpi)
+    try:
+        save(fig, args.out, dpi=args.dpi)
+    except OSError as e:
+        print(f"error: {output_error(e, '--out')}", file=sys.stderr)
+        return 2
     counts = ", ".join(f"{s} {len(rows[0][1][s][1])}" for s in SUBSETS)
     print(f"wrote {args.out} ({len(rows)} row{'s' if len(rows) > 1 else ''}; points per row: {counts})")
     return 0

@@ -3,12 +3,18 @@ import errno
 import hashlib
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-LAST = "last.pt"
+from mgssl import runfolder as rf
+
+LAST = rf.LAST
+# What a checkpoint of `python -m mgssl.train` holds for a resume, and the type of each entry.
+RESUME_ENTRIES = {"model": dict, "optimizer": dict, "step": int, "data": dict, "rng": list, "evals": list,
+                  "config": dict}
 
 
 class CheckpointError(RuntimeError):
@@ -17,27 +23,34 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(state: dict, path: Path) -> None:
     """Serialise in memory, write a temporary file beside `path`, fsync, then rename over it: a crash,
-    a kill or a full disk at any moment leaves the previous checkpoint intact."""
+    a kill or a full disk at any moment leaves the previous checkpoint intact. The temporary file has
+    a fresh random name and no file is opened through a link."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    tmp = None
     try:
-        _write_file(tmp, buffer.getbuffer())
+        if path.parent.is_symlink():
+            raise OSError(errno.ELOOP, "a symbolic link")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        _write_file(Path(tmp), buffer.getbuffer())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(f"no space left on the disk of {path.parent} while writing a checkpoint of "
                                   f"{buffer.getbuffer().nbytes / 2**20:.0f} MiB; the previous {path.name} is intact. "
                                   "Free space, then rerun the same command with --resume") from e
-        raise CheckpointError(f"could not write {path} ({e}); the previous {path.name} is intact") from e
+        raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous {path.name} is intact") from e
 
 
 def _write_file(path: Path, data) -> None:
-    with open(path, "wb") as f:
+    with os.fdopen(rf.open_fd(path, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -58,13 +71,34 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
+    """The dict saved in `path`, loaded as data (weights_only); never through a link."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} could not be read ({e}); it is not an mgssl checkpoint or is damaged") from e
+        with rf.open_binary(path) as f:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except rf.RunFileError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # torch's own text spans many lines and suggests weights_only=False: never safe here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} could not be read ({first[:200]}); it is damaged or not an mgssl checkpoint: "
+                              "restore it from a copy, or start a new run in another --out folder") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not the dict of an mgssl checkpoint; restore it "
+                              "from a copy, or start a new run in another --out folder")
+    return state
+
+
+def check_resumable(state: dict, path: Path) -> dict:
+    """`state` if it holds every entry a resume reads, with the right types; else one line naming `path`."""
+    wrong = [key for key, kind in RESUME_ENTRIES.items() if not isinstance(state.get(key), kind)
+             or (kind is int and isinstance(state.get(key), bool))]
+    if wrong:
+        raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in wrong)} (or holds the wrong type there), so "
+                              "it cannot be resumed: it is damaged or not a checkpoint of `python -m mgssl.train`; "
+                              "restore it from a copy, or start a new run in another --out folder")
+    return state
 
 
 def all_finite(tensors) -> bool:
@@ -95,5 +129,5 @@ def fingerprint(state_dict: dict) -> str:
 
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
-    path = Path(run_dir) / "checkpoints" / LAST
+    path = Path(run_dir) / rf.CHECKPOINT
     return path if path.is_file() else None

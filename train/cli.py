@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from mgssl import runfolder
 from mgssl.train.config import load_config, resolve_config_path
 
 DEFAULT_CONFIG = "digits"
-SAVED_CONFIG = "config.yaml"  # what a run folder holds of its config (train/rundir.py writes it)
 
 
 def parse_args(argv):
@@ -51,18 +51,23 @@ def config_source(args) -> str:
         return args.config
     if not (args.resume and args.out is not None):
         return DEFAULT_CONFIG
-    saved = args.out / SAVED_CONFIG
+    saved = args.out / runfolder.CONFIG
     if not saved.is_file():
         raise FileNotFoundError(f"--resume without a config continues the run saved in {args.out}, but it holds no "
-                                f"{SAVED_CONFIG}; name the config to start or continue it "
+                                f"{runfolder.CONFIG}; name the config to start or continue it "
                                 f"(mgssl train CONFIG --out {args.out} --resume)")
     return str(saved)
 
 
+def _rank_and_world() -> tuple[str, str]:
+    """RANK and WORLD_SIZE as the environment spells them (checked where the run starts)."""
+    return os.environ.get("RANK", "0").strip() or "0", os.environ.get("WORLD_SIZE", "1").strip() or "1"
+
+
 def _say_error(e: BaseException) -> None:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    rank, world = _rank_and_world()
+    where = f"[rank {rank}] " if world not in ("0", "1") and world.isdigit() else ""
     print(f"{where}error: {message}", file=sys.stderr)
 
 
@@ -104,13 +109,13 @@ def main(argv=None) -> int:
         _say_error(e)
         return 1
     except RunStopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _rank_and_world()[0] == "0":
             print(f"{e}; saved {e.checkpoint}. Continue with: {continue_command(argv)}", file=sys.stderr)
         return EXIT_STOPPED
     except KeyboardInterrupt:
         print(f"interrupted; continue with the same command plus --resume (run folder {out})", file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank_and_world()[0] == "0":
         err = summary.get("test_error")
         print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f})")
     return 0

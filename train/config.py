@@ -6,6 +6,7 @@ A key that no dataclass declares is an error that names the closest valid key.
 import dataclasses
 import difflib
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from mgssl import runfolder as rf
 from mgssl.model import MODELS, ModelConfig
 from mgssl.pipelines.config import DataConfig
 from mgssl.train.compiling import compile_mode
-from mgssl.train.meta import ESTIMATORS
+from mgssl.train.estimators import ESTIMATORS, resolve_estimator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -52,6 +54,7 @@ class MethodConfig:
         if self.eps <= 0 or self.mixup_gamma <= 0:
             raise ValueError("method.eps and method.mixup_gamma must be positive")
         _at_least("method.consistency_rampup", self.consistency_rampup, 0, "steps (0: full weight from the start)")
+        _at_least("method.consistency_weight", self.consistency_weight, 0, "(0: no consistency term)")
 
 
 @dataclass
@@ -73,6 +76,12 @@ class OptimConfig:
         _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "loop"))
         if not self.lr > 0:  # `not >` also catches NaN
             raise ValueError(f"optim.lr={self.lr}: the learning rate must be positive (e.g. 0.1)")
+        if not self.gamma > 0:  # a factor of 0 or less would stop the run or turn the learning rate negative
+            raise ValueError(f"optim.gamma={self.gamma}: the factor applied at each milestone must be positive "
+                             "(e.g. 0.1)")
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])) or any(m < 0 for m in self.milestones):
+            raise ValueError(f"optim.milestones={self.milestones}: give steps in increasing order, each once "
+                             "(e.g. [300000, 350000])")
         _at_least("optim.warmup_steps", self.warmup_steps, 0, "steps (0: no warm-up)")
         if self.warmup_epochs is not None:
             _at_least("optim.warmup_epochs", self.warmup_epochs, 0, "epochs (0: no warm-up)")
@@ -80,21 +89,29 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: Optional[int] = 400_000  # training steps (one labeled + one unlabeled batch each)
-    epochs: Optional[float] = None  # if set, replaces steps: passes over the unlabeled set
-    eval_every: int = 400  # steps between test evaluations
-    log_every: int = 100  # steps between reads of the training statistics (a host-device sync)
-    checkpoint_every: int = 2000  # steps between checkpoints (and one at the end)
-    keep_last_evals: int = 10  # final.json's median_last_test_error is the median of this many last evaluations
+    # training steps (one labeled + one unlabeled batch each)
+    steps: Optional[int] = field(default=400_000, metadata=rf.RESUMABLE)
+    # if set, replaces steps: passes over the unlabeled set
+    epochs: Optional[float] = field(default=None, metadata=rf.RESUMABLE)
+    eval_every: int = field(default=400, metadata=rf.HOW_RUN)  # steps between test evaluations
+    # steps between reads of the training statistics (a host-device sync)
+    log_every: int = field(default=100, metadata=rf.HOW_RUN)
+    checkpoint_every: int = field(default=2000, metadata=rf.HOW_RUN)  # steps between checkpoints (and one at the end)
+    # final.json's median_last_test_error is the median of this many last evaluations
+    keep_last_evals: int = field(default=10, metadata=rf.HOW_RUN)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
-    compile: Union[bool, str] = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune (train/compiling.py)
-    cudnn_benchmark: bool = True  # let cuDNN time and pick its convolution algorithms (off under deterministic)
-    deterministic: bool = False  # deterministic kernels only: bit-identical resume on GPUs (train/backends.py)
-    tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (GPUs from Ampere on)
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    # off | default | reduce-overhead (CUDA graphs) | max-autotune (train/compiling.py)
+    compile: Union[bool, str] = field(default="off", metadata=rf.HOW_RUN)
+    # let cuDNN time and pick its convolution algorithms (off under deterministic)
+    cudnn_benchmark: bool = field(default=True, metadata=rf.HOW_RUN)
+    # deterministic kernels only: bit-identical resume on GPUs (train/backends.py)
+    deterministic: bool = field(default=False, metadata=rf.HOW_RUN)
+    # fp32 matmuls and convolutions on TF32 tensor cores (GPUs from Ampere on)
+    tf32: bool = field(default=True, metadata=rf.HOW_RUN)
+    device: str = field(default="auto", metadata=rf.HOW_RUN)  # auto (cuda if available) | cpu | cuda
     sync_bn: bool = False  # SyncBatchNorm across GPUs
-    tensorboard: bool = True  # also write TensorBoard event files
-    progress: bool = True  # live progress bar
+    tensorboard: bool = field(default=True, metadata=rf.HOW_RUN)  # also write TensorBoard event files
+    progress: bool = field(default=True, metadata=rf.HOW_RUN)  # live progress bar
 
     def __post_init__(self):
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -113,7 +130,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    seed: int = 0  # the labeled split, initial weights, data order and augmentation all follow from it
+    # the labeled split, initial weights, data order and augmentation all follow from it
+    seed: int = field(default=0, metadata=rf.NOT_EXPERIMENT)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -126,6 +144,21 @@ class Config:
             raise ValueError(f"seed={self.seed}: give a whole number from 0 to {2**32 - 1}")
         if self.method.mixup and self.method.unlabeled is False:
             raise ValueError("method.mixup needs unlabeled data")
+        # `auto` resolved here, once: every reader of the config names the estimator that runs.
+        self.method.estimator = resolve_estimator(self.method.estimator, self.train.precision != "fp32")
+
+
+def keys_marked(flag: str, cls=None, prefix: str = "") -> tuple[str, ...]:
+    """The dotted config keys whose field metadata sets `flag` (runfolder.RESUMABLE, NOT_EXPERIMENT)."""
+    cls = cls or Config
+    hints, keys = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += keys_marked(flag, hints[f.name], full)
+        elif f.metadata.get(flag):
+            keys.append(full)
+    return tuple(keys)
 
 
 def _at_least(key, value, low, unit):
@@ -175,11 +208,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ValueError(errors[0] if errors else f"{key}: bad value {_short(value)}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ValueError(f"{key}: expected a list, got {_short(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key)
@@ -201,14 +234,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise ValueError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ValueError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {_short(value)}")
 
 
 def from_dict(cls, data: Optional[dict], prefix: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys are errors with a suggestion."""
     data = data or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -248,6 +281,58 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+# A config is a few dozen keys: these bounds refuse a file that is not one (/dev/zero, a "billion
+# laughs" of aliases) in a blink, with a short message, instead of filling the memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (a huge or nested one would flood the terminal)."""
+    return _SHORT.repr(value)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    error = DuplicateKeyError(f"the key {key_node.value!r} is given twice")
+                    error.problem, error.problem_mark = error.args[0], key_node.start_mark
+                    raise error
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str):
+    loader = _ConfigLoader(text)  # a SafeLoader: builds plain data only
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    stack, count = [data], 0
+    while stack:  # a bounded walk: aliases can make a small file expand without end
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ValueError(f"{where} expands to more than {MAX_CONFIG_VALUES:,} values (aliases that repeat "
+                             "aliases?); a config is a short list of keys: write it out plainly")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return data
+
+
 def _yaml_problem(error: yaml.YAMLError) -> tuple[object, str]:
     """(line, what is wrong there) of a YAML error, on one line; PyYAML's own text spans several."""
     mark = getattr(error, "problem_mark", None)
@@ -263,7 +348,15 @@ def read_yaml(path: Path, _seen: tuple = ()) -> dict:
     if path in _seen:
         raise ValueError(f"config files include each other in a loop: {' -> '.join(map(str, _seen + (path,)))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e}); name a YAML file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB, so not a config (a YAML file of a few "
+                         "keys); check the file name, or the `base:` that names it")
+    try:
+        data = _load_yaml(raw.decode(), str(path)) or {}
     except yaml.YAMLError as e:
         line, problem = _yaml_problem(e)
         raise ValueError(f"{path}:{line}: not valid YAML: {problem}; fix that line of the file") from None
@@ -284,7 +377,7 @@ def parse_override(text: str) -> dict:
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.steps=1000)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError as e:
         _, problem = _yaml_problem(e)
         raise ValueError(f"--set {text}: the value is not valid YAML ({problem}); quote it if it is text, "
@@ -303,6 +396,15 @@ def load_config(name_or_path: Optional[str] = "digits", overrides: tuple[str, ..
     for text in overrides:
         data = _deep_merge(data, parse_override(text))
     return from_dict(Config, data)
+
+
+def normalized(config: dict) -> dict:
+    """A saved config dict as today's code reads it: keys added since take their defaults and `auto`
+    is resolved; a config today's code cannot read is returned as it was saved."""
+    try:
+        return to_dict(from_dict(Config, config))
+    except (KeyError, ValueError, TypeError):
+        return config
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -41,11 +41,35 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def env_int(name: str, default: int) -> int:
+    """A whole number from the environment torchrun sets, or one line naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise DeviceError(f"{name}={text!r} in the environment is not a whole number; unset it, or start the "
+                          "processes with torchrun, which sets it") from None
+    if value < 0:
+        raise DeviceError(f"{name}={value} in the environment is negative; unset it, or start with torchrun")
+    return value
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the environment, refused where they do not fit together:
+    a stale RANK=1 in a lone process would train without writing anything."""
+    world = max(env_int("WORLD_SIZE", 1), 1)
+    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    if rank >= world:
+        raise DeviceError(f"RANK={rank} does not fit WORLD_SIZE={world} (ranks run from 0 to {world - 1}); a single "
+                          "process needs no RANK: unset RANK (and LOCAL_RANK), or start the processes with torchrun")
+    return rank, world, local_rank
+
+
 def setup(device_choice: str) -> Dist:
     """Reads torchrun's environment; a plain `python -m mgssl.train` is one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = env_ranks()
     device = pick_device(device_choice, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import mgssl
+from mgssl import runfolder as rf
 from mgssl.pipelines import build_data, check_global_batch
 from mgssl.train import checkpoint as ckpt
 from mgssl.train.backends import BackendFlags, backend_flags
@@ -154,6 +155,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, a
                       world_size=d.world_size, run_dir=run_dir)
     if state is not None:
         rundir.check_resume_schedule(state["config"], cfg, start, data.unlabeled_size, allow_schedule_change)
+        rundir.check_same_train_set(state, data.split, run_dir)
     t = build_training(cfg, d, data, run_dir)
     if state is not None:
         restore(t, state)
@@ -213,11 +215,21 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
             forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     reduce_grad = (lambda g: D.average_grads(g, d.world_size)) if (d.enabled and cfg.method.allreduce_grad) else None
     return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
-                    checkpoint_path=run_dir / "checkpoints" / ckpt.LAST, commit=git_commit(),
+                    checkpoint_path=run_dir / rf.CHECKPOINT, commit=git_commit(),
                     finite=torch.ones((), dtype=torch.bool, device=d.device))
 
 
 def restore(t: Training, state: dict) -> None:
+    try:
+        _restore(t, state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ckpt.CheckpointError(f"{t.checkpoint_path} does not fit this run ({first[:200]}); it is damaged or was "
+                                   "saved by other code: restore it from a copy, or start a new run in another "
+                                   "--out folder") from None
+
+
+def _restore(t: Training, state: dict) -> None:
     t.net.load_state_dict(state["model"])
     if len(state.get("rank_buffers", [])) == t.d.world_size:  # saved off the schedule: each rank its own
         t.net.load_state_dict(state["rank_buffers"][t.d.rank], strict=False)
@@ -260,9 +272,16 @@ def log_window(t: Training, done: int, lr: float, weight: float, progress: Progr
                   epoch=t.data.train.unlabeled_epoch)
     if t.scaler is not None:
         values["loss_scale"] = t.scaler.get_scale()
-    t.log.write("train", done, values)
+    write_log(t, "train", done, values)
     progress.report(done, f"loss {values['loss']:.4f} lr {lr:.4g} {values['images_per_s']:.0f} img/s")
     t.window.reset()
+
+
+def write_log(t: Training, kind: str, step: int, values: dict) -> None:
+    """A record of metrics.jsonl (rank 0 writes it); a failed write stops every rank together."""
+    error = t.log.write(kind, step, values)
+    if D.any_rank(error is not None, t.d):
+        raise error if error is not None else rf.RunFileError(f"rank 0 could not write {rf.METRICS}; see its message")
 
 
 def stop_if_not_finite(t: Training, step: int, all_finite: Optional[bool] = None) -> None:
@@ -298,7 +317,8 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
         payload = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(), "step": step,
                    "data": t.data.train.state_dict(), "rng": rngs, "evals": t.evals, "config": to_dict(t.cfg),
                    "mgssl_version": mgssl.__version__, "git_commit": t.commit, "world_size": t.d.world_size,
-                   "log_window": t.window.state_dict()}
+                   "log_window": t.window.state_dict(),
+                   "train_set": {"classes": t.data.split.classes, "sha256": t.data.split.train_sha256}}
         if t.scaler is not None:
             payload["scaler"] = t.scaler.state_dict()
         if rank_buffers is not None:
@@ -325,7 +345,7 @@ def evaluate(t: Training, step: int) -> dict:
         result.pop("top5_error")
     t.evals.append(result)
     if t.log is not None:
-        t.log.write("eval", step, {k: v for k, v in result.items() if k != "step"})
+        write_log(t, "eval", step, {k: v for k, v in result.items() if k != "step"})
     return result
 
 
@@ -339,7 +359,7 @@ def summarize(t: Training, schedule: RunPlan) -> dict:
     return {**summarize_evals(t.evals, cfg.train.keep_last_evals), "steps": schedule.total_steps,
             "world_size": t.d.world_size, "num_labels": int(len(data.split.labeled)), "dataset": cfg.data.name,
             "model": cfg.model.name, "seed": cfg.seed, "meta": cfg.method.meta, "mixup": cfg.method.mixup,
-            "unlabeled": cfg.method.unlabeled, "estimator": rundir.run_estimator(cfg),
+            "unlabeled": cfg.method.unlabeled, "estimator": cfg.method.estimator,
             "mgssl_version": mgssl.__version__, "git_commit": t.commit,
             "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
             "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],

@@ -33,9 +33,9 @@ from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mgssl.train.compiling import compiled as compile_with
+from mgssl.train.estimators import ESTIMATORS, resolve_estimator
 from mgssl.train.losses import fp32_or_wider
 
-ESTIMATORS = ("auto", "fd", "jvp", "exact")
 
 GradReducer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -128,11 +128,6 @@ def _labeled_loss(model, names, params, buffers, x_l, y_l):
     return F.cross_entropy(fp32_or_wider(_call(model, names, params, buffers, x_l)), y_l)
 
 
-def _maybe_compiled(fn, compiled: Union[bool, str]):
-    # compiled: False/"off", True/"default", or a torch.compile mode (train/compiling.py).
-    return compile_with(fn, compiled)
-
-
 def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
                  compiled: bool = False):
     """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2).
@@ -145,7 +140,7 @@ def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[
     `full_precision`) remove it; trained, the same network meets the bound in bf16 (docs/PERF.md,
     "Fidelity")."""
     with torch.enable_grad():
-        loss = _maybe_compiled(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
+        loss = compile_with(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
     return reduce_grad(grads) if reduce_grad is not None else grads
@@ -203,7 +198,7 @@ def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint, ba
     x = fp32_or_wider(x_u) if full_precision else x_u
     replay = _rng_replayer(model, x_u.device)
     with torch.no_grad(), precision:
-        return _maybe_compiled(_fd_passes, compiled)(model, names, params, buffers, g, x, eps, midpoint, batched,
+        return compile_with(_fd_passes, compiled)(model, names, params, buffers, g, x, eps, midpoint, batched,
                                                      replay)
 
 
@@ -211,18 +206,6 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def resolve_estimator(estimator: str, low_precision: bool) -> str:
-    """The estimator that `estimator` names in a run with (or without) bf16/fp16 autocast.
-
-    auto: under autocast jvp, one pass in the low precision. fd would need its passes in fp32 without
-    TF32, because ±εg is below bf16 resolution, and on a GPU those run at a fifteenth of the bf16 rate;
-    jvp has no ε to resolve and stays faithful in bf16 (docs/PERF.md, "Fidelity"). In fp32 runs fd,
-    the authors' estimator, which costs the same as jvp there."""
-    if estimator == "auto":
-        return "jvp" if low_precision else "fd"
-    return estimator
 
 
 @contextmanager
@@ -362,7 +345,7 @@ def meta_targets(
                 center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint,
                                          fd_batched, compiled)
             else:
-                center, jg, gnorm = _maybe_compiled(_jvp, compiled)(model, names, params, buffers, g, x_u)
+                center, jg, gnorm = compile_with(_jvp, compiled)(model, names, params, buffers, g, x_u)
     return MetaTargets(center, jg, gnorm)
 
 

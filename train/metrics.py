@@ -1,12 +1,13 @@
 """Where a run's numbers go: metrics.jsonl (one JSON object a line), TensorBoard, a progress bar."""
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from mgssl import runfolder as rf
 
 
 def read_window(finite: "torch.Tensor", sums: dict, seen: dict) -> tuple[bool, dict]:
@@ -21,11 +22,14 @@ def read_window(finite: "torch.Tensor", sums: dict, seen: dict) -> tuple[bool, d
 
 class MetricsLog:
     """Appends to metrics.jsonl. A run that starts at `resume_step` first drops the records past it,
-    written by the process that died after its last checkpoint: they are about to be recomputed."""
+    written by the process that died after its last checkpoint: they are about to be recomputed.
+    TensorBoard is a second copy: if its files cannot be written (a full disk), it is dropped with a
+    warning and the run goes on."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / rf.METRICS
+        self.tensorboard_dir = Path(run_dir) / rf.TENSORBOARD
         self.writer = None
         if enabled:
             drop_records_after(self.path, resume_step)
@@ -33,51 +37,72 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir),
                                             purge_step=resume_step if resume_step > 0 else None)
             except ImportError:  # tensorboard is optional at run time
                 print("tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
+            except OSError as e:
+                self._drop_tensorboard(e)
 
-    def write(self, kind: str, step: int, values: dict) -> None:
+    def write(self, kind: str, step: int, values: dict) -> Optional[rf.RunFileError]:
+        """Append one record; returns the error that stopped it (the caller stops every rank), else None."""
         if not self.enabled:
-            return
+            return None
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            rf.append_text(self.path, json.dumps(record) + "\n")
+        except rf.RunFileError as e:
+            return e
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self.writer.add_scalar(f"{kind}/{key}", value, step)
+            except OSError as e:
+                self._drop_tensorboard(e)
+        return None
+
+    def _drop_tensorboard(self, error: OSError) -> None:
+        print(f"warning: cannot write TensorBoard events to {self.tensorboard_dir} ({error.strerror or error}); "
+              f"writing {self.path.name} only", file=sys.stderr)
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self._drop_tensorboard(e)
 
 
 def drop_records_after(path: Path, step: int) -> None:
-    if not path.is_file():
+    """Keep the records of steps up to `step`; lines cut by a kill or holding bad bytes go too."""
+    if not path.is_file() and not path.is_symlink():
         return
-    lines = path.read_text().splitlines()
+    lines = rf.read_bytes(path).splitlines()
     kept = [line for line in lines if line.strip() and _step_of(line) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        rf.write_atomic(path, b"".join(line + b"\n" for line in kept))
 
 
-def _step_of(line: str) -> float:
+def _step_of(line: bytes) -> float:
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return json.loads(line.decode())["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill (UnicodeDecodeError is a ValueError)
         return math.inf
 
 
 def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / rf.METRICS
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    rows = rf.read_records(path, warn=lambda text: print(text, file=sys.stderr))
+    return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
 def summarize_evals(evals: list[dict], keep_last: int) -> dict:

@@ -1,5 +1,6 @@
 """A run folder's life: one writer at a time (a lock), the decision to start, resume or refuse, the
-files a start writes, a clean stop on SIGTERM / SIGINT / SIGUSR1, and the final summary."""
+files a start writes, a clean stop on SIGTERM / SIGINT / SIGHUP / SIGUSR1, and the final summary.
+The folder's files and how each is opened are defined once, in mgssl/runfolder.py."""
 import dataclasses
 import json
 import os
@@ -17,25 +18,19 @@ import torch.distributed as dist
 import yaml
 
 import mgssl
-from mgssl.pipelines import SPLIT_FILE, DataConfig, LabelSplit
+from mgssl import runfolder as rf
+from mgssl.pipelines import DataConfig, LabelSplit
 from mgssl.train import checkpoint as ckpt
 from mgssl.train import distributed as D
-from mgssl.train.config import Config, config_diff, from_dict, to_dict
-from mgssl.train.meta import resolve_estimator
+from mgssl.train.config import Config, config_diff, from_dict, keys_marked, normalized, to_dict
 from mgssl.train.runlock import RunFolderError, lock_run_folder
 from mgssl.train.schedule import learning_rate, plan
 
-FINAL = "final.json"
-# Everything a run writes into its folder: a fresh start refuses a folder that holds any of them.
-RUN_FILES = (FINAL, "metrics.jsonl", "config.yaml", "runs.jsonl", SPLIT_FILE, "checkpoints", "tensorboard",
-             "corrupt_files.txt")
-# Keys a resumed run may change: they do not alter what is trained. train.steps and train.epochs
-# are further checked against the schedule of the finished steps (check_resume_schedule).
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.log_every",
-                     "train.checkpoint_every", "train.keep_last_evals", "train.progress", "train.tensorboard",
-                     "train.compile", "train.cudnn_benchmark", "train.deterministic", "train.tf32",
-                     "train.device", "data.root", "data.workers", "data.eval_batch_size")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Keys a resumed run may change (field metadata runfolder.RESUMABLE): they do not alter what is
+# trained. train.steps and train.epochs are further checked against the schedule of the finished steps.
+RESUMABLE_CHANGES = keys_marked("resumable")
+# SIGHUP: a closed terminal or a dropped ssh session stops the run as SIGTERM does, with a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, continue later with --resume
 
 
@@ -85,7 +80,7 @@ def held(run_dir: Path, d: D.Dist) -> Iterator[None]:
 
 
 def run_files(run_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    return [name for name in rf.RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
 
 
 def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optional[dict]:
@@ -97,16 +92,16 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
         found = run_files(run_dir)
         if found and not resume:
             how = ("add --resume to continue it" if last is not None else
-                   "it has no checkpoint to continue from" if FINAL in found else
+                   "it has no checkpoint to continue from" if rf.FINAL in found else
                    "it has no checkpoint yet; --resume starts it again from step 0")
             raise RunFolderError(f"{run_dir} already holds a run ({', '.join(found)}); {how}, or choose another "
                                  "--out folder")
         if last is None:
-            if resume and FINAL in found:
+            if resume and rf.FINAL in found:
                 raise RunFolderError(f"{run_dir} holds a finished run (final.json) but no checkpoints/{ckpt.LAST} "
                                      "to continue from; choose another --out folder")
             return None
-        state = ckpt.load(last)
+        state = ckpt.check_resumable(ckpt.load(last), last)
         check_resume_config(state["config"], cfg)
         return state
 
@@ -121,21 +116,8 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
     return state
 
 
-def run_estimator(cfg: Config) -> str:
-    """The estimator the run's meta steps use (`method.estimator=auto` resolved by train.precision)."""
-    return resolve_estimator(cfg.method.estimator, cfg.train.precision != "fp32")
-
-
-def with_resolved_estimator(config: dict) -> dict:
-    """A config dict whose method.estimator names what runs, so that `auto` and the estimator it
-    resolves to count as the same setting on resume."""
-    method, train = config.get("method", {}), config.get("train", {})
-    estimator = resolve_estimator(method.get("estimator", "auto"), train.get("precision", "fp32") != "fp32")
-    return {**config, "method": {**method, "estimator": estimator}}
-
-
 def check_resume_config(saved: dict, cfg: Config) -> None:
-    changes = [c for c in config_diff(with_resolved_estimator(saved), with_resolved_estimator(to_dict(cfg)))
+    changes = [c for c in config_diff(normalized(saved), to_dict(cfg))
                if not c.startswith(RESUMABLE_CHANGES)]
     if changes:
         raise ValueError("the config differs from the one the run was started with:\n  " + "\n  ".join(changes) +
@@ -160,10 +142,22 @@ def check_resume_schedule(saved: dict, cfg: Config, start: int, unlabeled_size: 
                              "to accept the jump")
 
 
+def check_same_train_set(state: dict, split: LabelSplit, run_dir: Path) -> None:
+    """A resume trains on the images, labels and class names the checkpoint was trained on."""
+    saved = state.get("train_set") or {}
+    classes = saved.get("classes")
+    saved_split = LabelSplit(split.dataset, split.train_size, split.seed, split.labeled,
+                             None if classes is None else tuple(classes), saved.get("sha256"))
+    try:
+        saved_split.check_same_train_set(split.classes, split.train_sha256, str(run_dir / rf.CHECKPOINT))
+    except ValueError as e:
+        raise RunFolderError(str(e)) from None
+
+
 def data_config(cfg: DataConfig, run_dir: Path, state: Optional[dict]) -> DataConfig:
     """A resumed run reads the split it trained on; a fresh one never takes a split it finds in the
     folder (only data.split_file names a split to reuse)."""
-    saved = run_dir / SPLIT_FILE
+    saved = run_dir / rf.SPLIT
     if state is not None and saved.is_file():
         return dataclasses.replace(cfg, split_file=str(saved))
     return cfg
@@ -191,27 +185,38 @@ def continue_command(argv: list[str]) -> str:
 
 def write_start_files(run_dir: Path, cfg: Config, argv: list[str], d: D.Dist, start: int, split: LabelSplit,
                       git_commit: Optional[str], backend_flags: dict) -> None:
+    """config.yaml, labeled_split.json and a line of runs.jsonl, on rank 0. A write that fails (a full
+    disk) removes the files this start created, so the folder does not refuse the next start."""
     if not d.is_main:
+        agree(d, lambda: None)
         return
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    split.save(run_dir / SPLIT_FILE)
     info = {"command": launch_command(argv), "argv": argv, "mgssl_version": mgssl.__version__,
-            "git_commit": git_commit, "estimator": run_estimator(cfg),
+            "git_commit": git_commit, "estimator": cfg.method.estimator,
             "world_size": d.world_size, "global_batch": cfg.data.batch_size,
             "batch_per_process": cfg.data.batch_size // d.world_size, "device": str(d.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "host": socket.gethostname(),
             "pid": os.getpid(), "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "resumed_from_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "backend_flags": backend_flags}
-    with open(run_dir / "runs.jsonl", "a") as f:  # one line per start, resume or restart
-        f.write(json.dumps(info) + "\n")
+    existed = set(run_files(run_dir))
+
+    def write() -> None:
+        try:
+            rf.write_atomic(run_dir / rf.CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            rf.write_atomic(run_dir / rf.SPLIT, split.to_json())
+            rf.append_text(run_dir / rf.RUNS, json.dumps(info) + "\n")  # one line per start, resume or restart
+        except rf.RunFileError:
+            for name in (rf.CONFIG, rf.SPLIT, rf.RUNS):
+                if name not in existed:
+                    (run_dir / name).unlink(missing_ok=True)
+            raise
+
+    agree(d, write)
 
 
 def write_final(run_dir: Path, summary: dict, d: D.Dist) -> None:
     if d.is_main:
-        tmp = run_dir / f".{FINAL}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / FINAL)
+        rf.write_atomic(run_dir / rf.FINAL, json.dumps(summary, indent=2) + "\n", fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +224,7 @@ def write_final(run_dir: Path, summary: dict, d: D.Dist) -> None:
 
 
 class StopSignals:
-    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at a step boundary that all ranks share.
+    """Turns SIGTERM, SIGINT, SIGHUP and SIGUSR1 into a request to stop at a step boundary that all ranks share.
 
     On several ranks, each boundary posts this rank's request in a one-number all-reduce (gloo, on
     the CPU, asynchronous) and reads the one posted at the boundary before: no host-device sync and

@@ -8,7 +8,7 @@ import socket
 import time
 from pathlib import Path
 
-LOCK_FILE = "run.lock"
+from mgssl.runfolder import LOCK, open_fd, refuse_links
 
 
 class RunFolderError(RuntimeError):
@@ -17,10 +17,16 @@ class RunFolderError(RuntimeError):
 
 
 def lock_run_folder(run_dir: Path) -> int:
-    """Create `run_dir` if needed and lock it; returns the lock's file descriptor."""
+    """Create `run_dir` if needed and lock it; returns the lock's file descriptor. A folder whose run
+    files are links is refused: the run would write through them."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFolderError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose an --out folder "
+                             "you can write to") from None
+    refuse_links(run_dir)
+    try:
+        fd = open_fd(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise RunFolderError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose an --out folder "
                              "you can write to") from None
