@@ -309,6 +309,10 @@ def read_encoded(path: str) -> np.ndarray:
         return np.zeros(0, dtype=np.uint8)
 
 
+def read_all(paths: Sequence[str]) -> list[np.ndarray]:
+    return [read_encoded(path) for path in paths]
+
+
 class ReadAhead:
     """The encoded bytes of a stream's batches, read by a pool of threads `ahead` batches before they are
     asked for (file reads release the GIL, so they overlap both the decoder and the training step)."""
@@ -316,20 +320,19 @@ class ReadAhead:
     def __init__(self, files_of_batch: Callable[[int], list[str]], threads: int, ahead: int):
         self.files_of_batch, self.ahead = files_of_batch, ahead
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="mgssl-read")
-        self.pending: dict[int, list[Future]] = {}
+        self.pending: dict[int, Future] = {}
 
     def batch(self, batch: int) -> list[np.ndarray]:
         for b in range(batch, batch + self.ahead + 1):
-            if b not in self.pending:
-                self.pending[b] = [self.pool.submit(read_encoded, f) for f in self.files_of_batch(b)]
+            if b not in self.pending:  # one task per batch: batches read in parallel, little overhead per file
+                self.pending[b] = self.pool.submit(read_all, self.files_of_batch(b))
         for b in [b for b in self.pending if b < batch]:  # asked out of order: never needed again
             del self.pending[b]
-        return [f.result() for f in self.pending.pop(batch)]
+        return self.pending.pop(batch).result()
 
     def close(self) -> None:
-        for futures in self.pending.values():
-            for f in futures:
-                f.cancel()
+        for future in self.pending.values():
+            future.cancel()
         self.pending = {}
         self.pool.shutdown(wait=False)
 
@@ -385,8 +388,8 @@ class FileStream:
         chosen = self.batch_members(batch)
         numbers = augmentation_numbers(self.seed, self.stream_id, self.rank, batch, self.local,
                                        max(1, self.transform.random_numbers))
-        labels = self.labels[chosen].astype(np.int32)
-        return self._reader.batch(batch), [labels[i:i + 1] for i in range(len(labels))], list(numbers)
+        labels = self.labels[chosen].astype(np.int32).reshape(-1, 1)
+        return self._reader.batch(batch), labels, numbers  # dense arrays for the rest: DALI takes them whole
 
     def _build(self) -> None:
         self._close()  # free the old pipeline's threads and buffers first
