@@ -55,7 +55,7 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
                                eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
                                num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir,
-                               decoder=decoder_settings(cfg))
+                               decoder=decoder_settings(cfg), labeled_cache=cfg.labeled_cache)
     from mgssl.pipelines.memory import InMemoryData
     from mgssl.pipelines.sources import ARRAY_READERS, DataMissingError
 

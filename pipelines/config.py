@@ -20,6 +20,9 @@ class DataConfig:
     workers: int = 4  # CPU threads for decoding (ImageNet only)
     image_size: int = 224  # ImageNet crop side
     resize_size: int = 256  # ImageNet shortest edge before the crop ("paper" training and all evaluation)
+    # ImageNet: decode each labeled image once and keep it (uint8, shortest edge resize_size) in host memory;
+    # about 33 GB per process for 10% of ImageNet (pipelines/cache.py). Needs augment=paper.
+    labeled_cache: bool = False
     # DALI's decoder (ImageNet only; pipelines/README.md "Decoder settings")
     decode_device: str = "auto"  # auto: the GPU's decoder in a CUDA run, else the CPU | gpu | cpu
     hw_decoder_load: float = 0.65  # share of the JPEGs given to the hardware decoder (A100/H100), the rest to CUDA
@@ -46,6 +49,9 @@ class DataConfig:
         if not 0 < self.image_size <= self.resize_size:
             raise ValueError(f"data.image_size={self.image_size} must be positive and at most "
                              f"data.resize_size={self.resize_size}")
+        if self.labeled_cache and self.augment != "paper":
+            raise ValueError(f"data.labeled_cache=true keeps images resized before the crop, which is the 'paper' "
+                             f"augmentation; set data.augment=paper or data.labeled_cache=false")
         if self.decode_device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"data.decode_device={self.decode_device!r}: choose auto, gpu or cpu")
         if not 0.0 <= self.hw_decoder_load <= 1.0:

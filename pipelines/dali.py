@@ -141,29 +141,34 @@ def _graph(jpegs, labels, transform: Transform, decoder: DecoderSettings, device
     backend = decoder.backend(device_id)
     decode = dict(device=backend, output_type=types.RGB, **decoder.decoder_arguments(backend))
     on_gpu = device_id is not None and backend == "cpu"  # CPU decode for a GPU run: the rest runs on the GPU
-
-    mean = [255.0 * m for m in MEAN]
-    std = [255.0 * s for s in STD]
-    size = transform.image_size
     if transform.kind == "authors":
         shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C), read from the header
         anchor, window = random_area_window(numbers, shape[0], shape[1])
         images = fn.decoders.image_slice(jpegs, anchor, window, normalized_anchor=True, normalized_shape=True,
                                          **decode)
         images = images.gpu() if on_gpu else images
-        images = fn.resize(images, resize_x=size, resize_y=size)
-        crop = {}
+        images = fn.resize(images, resize_x=transform.image_size, resize_y=transform.image_size)
     else:
         images = fn.decoders.image(jpegs, **decode)
         images = images.gpu() if on_gpu else images
         images = fn.resize(images, resize_shorter=transform.resize_size)
-        crop = {"crop": (size, size)}
-        if transform.kind == "paper":
-            crop.update(crop_pos_x=numbers[1], crop_pos_y=numbers[2])
+    return crop_normalise(images, transform, numbers), labels
+
+
+def crop_normalise(images, transform: Transform, numbers):
+    """DALI graph: the crop (paper, eval), flip and normalisation of uint8 HWC images already resized
+    (shortest edge `resize_size`, or for `authors` already cropped and resized)."""
+    from nvidia.dali import fn, types
+
+    mean = [255.0 * m for m in MEAN]
+    std = [255.0 * s for s in STD]
+    size = transform.image_size
+    crop = {} if transform.kind == "authors" else {"crop": (size, size)}
+    if transform.kind == "paper":
+        crop.update(crop_pos_x=numbers[1], crop_pos_y=numbers[2])
     if transform.kind != "eval" and transform.flip:
         crop["mirror"] = fn.cast(numbers[0] < 0.5, dtype=types.INT32)
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, **crop)
-    return images, labels
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, **crop)
 
 
 def build_pipeline(files: Sequence[str], labels: Sequence[int], transform: Transform, *, batch_size: int,
@@ -344,11 +349,12 @@ class FileStream:
     def __init__(self, files: Sequence[str], labels: np.ndarray, members: np.ndarray, transform: Transform, *,
                  global_batch: int, seed: int, stream_id: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, num_threads: int = 2, corrupt: Optional[CorruptFiles] = None,
-                 decoder: DecoderSettings = DecoderSettings(), read_ahead: int = 2 * PREFETCH):
+                 decoder: DecoderSettings = DecoderSettings(), read_ahead: int = 2 * PREFETCH, cache=None):
         self.files, self.labels, self.members = files, labels, np.asarray(members, dtype=np.int64)
         self.transform, self.seed, self.stream_id, self.device = transform, seed, stream_id, device
         self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
         self.decoder, self.read_ahead = decoder, read_ahead
+        self.cache = cache  # pipelines.cache.DecodedImages: the set decoded once (`paper` only), or None
         self.local = global_batch // world_size
         self.index = IndexStream(len(self.members), seed * 1000 + stream_id, global_batch, rank, world_size)
         # The feeder's own copy: it runs ahead of `index`, and each keeps its epoch's permutation cached.
@@ -376,8 +382,7 @@ class FileStream:
 
     def batch_members(self, batch: int) -> np.ndarray:
         """Indices into `files` of this rank's share of global batch `batch`, stand-ins applied."""
-        positions = self._stand_ins()[self.feed_index.batch_indices(batch, self.rank).numpy()]
-        return self.members[positions]
+        return self.members[self._stand_ins()[self.feed_index.batch_indices(batch, self.rank).numpy()]]
 
     def batch_files(self, batch: int) -> list[str]:
         return [self.files[i] for i in self.batch_members(batch)]
@@ -389,16 +394,32 @@ class FileStream:
         numbers = augmentation_numbers(self.seed, self.stream_id, self.rank, batch, self.local,
                                        max(1, self.transform.random_numbers))
         labels = self.labels[chosen].astype(np.int32).reshape(-1, 1)
-        return self._reader.batch(batch), labels, numbers  # dense arrays for the rest: DALI takes them whole
+        images = [self.cache.images[i] for i in chosen] if self.cache is not None else self._reader.batch(batch)
+        return images, labels, numbers  # dense arrays for the rest: DALI takes them whole
 
     def _build(self) -> None:
         self._close()  # free the old pipeline's threads and buffers first
         self._start = self.index.batches_done
-        self._reader = ReadAhead(self.batch_files, self.num_threads, self.read_ahead)
-        self._pipe = build_stream_pipeline(self._feed, self.transform, batch_size=self.local,
-                                           device_id=_device_id(self.device), num_threads=self.num_threads,
-                                           decoder=self.decoder)
+        if self.cache is not None:
+            self._build_cached()
+        else:
+            self._reader = ReadAhead(self.batch_files, self.num_threads, self.read_ahead)
+            self._pipe = build_stream_pipeline(self._feed, self.transform, batch_size=self.local,
+                                               device_id=_device_id(self.device), num_threads=self.num_threads,
+                                               decoder=self.decoder)
         self.builds += 1
+
+    def _build_cached(self) -> None:
+        from mgssl.pipelines.cache import build_cached_pipeline
+
+        bad = self.cache.fill(self.files, self.members, self.transform, batch_size=self.local,
+                              device_id=_device_id(self.device), num_threads=self.num_threads, decoder=self.decoder,
+                              corrupt=self.corrupt)
+        if bad:
+            self.skipped |= {int(p) for p, m in enumerate(self.members) if int(m) in bad}
+            self._table = None
+        self._pipe = build_cached_pipeline(self._feed, self.transform, batch_size=self.local,
+                                           device_id=_device_id(self.device), num_threads=self.num_threads)
 
     def _close(self) -> None:
         self._pipe = None

@@ -18,7 +18,7 @@ class ImageFolderData:
                  eval_batch: int, seed: int, device, augment: str = "paper", image_size: int = 224,
                  resize_size: int = 256, on_corrupt: str = "skip", num_threads: int = 4, rank: int = 0,
                  world_size: int = 1, run_dir: Optional[Path] = None,
-                 decoder: DecoderSettings = DecoderSettings()):
+                 decoder: DecoderSettings = DecoderSettings(), labeled_cache: bool = False):
         self.name, self.num_classes, self.in_channels, self.image_size = data.name, data.num_classes, 3, image_size
         self.data, self.split, self.device = data, split, torch.device(device)
         self.rank, self.world_size, self.num_threads, self.decoder = rank, world_size, num_threads, decoder
@@ -30,8 +30,13 @@ class ImageFolderData:
         train = Transform(augment, image_size, resize_size)
         common = dict(global_batch=global_batch, seed=seed, device=self.device, rank=rank, world_size=world_size,
                       num_threads=num_threads, corrupt=self.corrupt, decoder=decoder)
+        cache = None
+        if labeled_cache:
+            from mgssl.pipelines.cache import DecodedImages
+
+            cache = DecodedImages()
         self.train = PairedFileBatches(
-            FileStream(data.train_files, data.train_labels, split.labeled, train, stream_id=1, **common),
+            FileStream(data.train_files, data.train_labels, split.labeled, train, stream_id=1, cache=cache, **common),
             FileStream(data.train_files, data.train_labels, unlabeled, train, stream_id=2, **common))
         if self.device.type == "cuda":
             self.train = Prefetched(self.train, self.device)  # the next batch copied out during the step

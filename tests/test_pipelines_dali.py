@@ -248,3 +248,45 @@ def test_image_folder_errors_name_the_path_and_the_layout(tmp_path):
     (root / "val" / "n99999999").mkdir()
     with pytest.raises(ValueError, match="n99999999"):
         load_image_folders(str(root))
+
+
+def test_the_labeled_cache_gives_the_same_batches_and_resumes_exactly(folders):
+    plain = build_data(config(folders), seed=5, device="cpu")
+    cached = build_data(config(folders, labeled_cache=True), seed=5, device="cpu")
+    expected = [next(plain.train) for _ in range(8)]  # 6 labeled images, 4 a step: 5 labeled epochs
+    for want in expected:
+        for got, w in zip(next(cached.train), want):
+            assert torch.equal(got, w)
+    labeled = cached.train.labeled
+    assert labeled._reader is None and labeled.builds == 1  # batches come from memory, not from files
+    assert len(labeled.cache.images) == 6 and labeled.cache.nbytes == sum(
+        im.shape[0] * im.shape[1] * 3 for im in labeled.cache.images.values())
+    assert all(min(im.shape[:2]) == 20 for im in labeled.cache.images.values())  # shortest edge at resize_size
+    resumed = build_data(config(folders, labeled_cache=True), seed=5, device="cpu")
+    state = {"labeled": {"position": 3 * 4, "skipped": []}, "unlabeled": {"position": 3 * 4, "skipped": []}}
+    resumed.train.load_state_dict(state)
+    for want in expected[3:]:
+        for got, w in zip(next(resumed.train), want):
+            assert torch.equal(got, w)
+
+
+def test_the_labeled_cache_skips_a_broken_jpeg_as_the_stream_does(tmp_path):
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=2)
+    cfg = dict(labels=0.5, batch_size=2, unlabeled="all", on_corrupt="skip")
+    labeled = build_data(config(root, **cfg), seed=0, device="cpu").split.labeled
+    broken = break_jpeg(load_image_folders(str(root)).train_files[int(labeled[1])])
+    plain = build_data(config(root, **cfg), seed=0, device="cpu")
+    cached = build_data(config(root, labeled_cache=True, **cfg), seed=0, device="cpu")
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        expected = [next(plain.train) for _ in range(6)]
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        got = [next(cached.train) for _ in range(6)]
+    for a, b in zip(got, expected):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert cached.train.state_dict()["labeled"]["skipped"] == plain.train.state_dict()["labeled"]["skipped"]
+
+
+def test_the_labeled_cache_needs_the_paper_crop(folders):
+    with pytest.raises(ValueError, match="data.augment=paper"):
+        config(folders, labeled_cache=True, augment="authors")
