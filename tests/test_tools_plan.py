@@ -34,6 +34,13 @@ def test_the_counts_match_a_short_run_on_an_image_folder(tmp_path):
     assert counts.allreduce_bytes_per_step == 0  # one process reduces nothing
 
 
+def test_the_labeled_cache_halves_the_decodes_of_a_step():
+    off = count_run(load_config("digits", ("train.steps=10",)), world_size=2)
+    on = count_run(load_config("digits", ("train.steps=10", "data.labeled_cache=true")), world_size=2)
+    assert off.train_decodes == 2 * off.pairs and off.decodes_per_step_per_gpu == 2 * on.decodes_per_step_per_gpu
+    assert on.train_decodes == on.pairs + 2 * on.labeled_size  # each of the 2 processes decodes the set once
+
+
 def test_evaluations_count_the_final_one_once():
     assert [evaluations(steps, 2) for steps in (4, 5, 1)] == [2, 3, 1]
 

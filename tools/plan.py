@@ -73,6 +73,15 @@ class RunCounts:
     forward_gflop_per_image: float
     step_gflop_per_pair: float
     allreduce_bytes_per_step: int
+    labeled_cache: bool = False  # data.labeled_cache: each process decodes the labeled set once, not every step
+
+    @property
+    def decodes_per_step_per_gpu(self) -> float:
+        return (1 if self.labeled_cache else 2) * self.global_batch / self.world_size
+
+    @property
+    def start_decodes_per_gpu(self) -> int:
+        return self.labeled_size if self.labeled_cache else 0
 
     @property
     def decodes(self) -> int:
@@ -151,8 +160,10 @@ def count_run(cfg, world_size: int, flops_batch: int = 2) -> RunCounts:
     parameters, forward, per_pair = network_flops(cfg, classes, channels, side, flops_batch)
     # Per step: DDP's gradient all-reduce, and g's before the meta pass (fp32, 4 bytes an element).
     reduced = 4 * parameters * (1 + int(cfg.method.meta and cfg.method.allreduce_grad)) if world_size > 1 else 0
-    return RunCounts(world_size, cfg.data.batch_size, labeled, unlabeled, test, where, steps, pairs, 2 * pairs, evals,
-                     evals * test, parameters, forward, per_pair, reduced)
+    cache = cfg.data.labeled_cache
+    train_decodes = pairs + labeled * world_size if cache else 2 * pairs
+    return RunCounts(world_size, cfg.data.batch_size, labeled, unlabeled, test, where, steps, pairs, train_decodes,
+                     evals, evals * test, parameters, forward, per_pair, reduced, cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,14 +214,14 @@ def predict(counts: RunCounts, step_pairs_per_s: float, decode_per_s: float, bus
     compute = local / step_pairs_per_s
     ring = 2 * (n - 1) / n  # bytes each GPU sends per byte reduced, ring all-reduce
     allreduce = counts.allreduce_bytes_per_step * ring / (busbw_gbps * 1e9)
-    decode = 2 * local / decode_per_s
+    decode = counts.decodes_per_step_per_gpu / decode_per_s
     step = max(compute + allreduce, decode)
     eval_images = counts.eval_decodes / n
     eval_s = max(eval_images / decode_per_s, eval_images / eval_forward_per_s)
-    train = counts.steps * step
+    train = counts.steps * step + counts.start_decodes_per_gpu / decode_per_s  # the cache fills before step 1
     wall = train + eval_s
     parts = {"compute": counts.steps * compute, "all-reduce": counts.steps * allreduce,
-             "decode": counts.steps * decode, "evaluation": eval_s}
+             "decode": counts.steps * decode + counts.start_decodes_per_gpu / decode_per_s, "evaluation": eval_s}
     bottleneck = "decode" if decode > compute + allreduce else "compute"
     return Prediction(1e3 * compute, 1e3 * allreduce, 1e3 * decode, 1e3 * step, train, eval_s, wall, bottleneck,
                       {k: v / wall for k, v in parts.items()})
@@ -286,7 +297,7 @@ def main(argv=None) -> dict:
     print(f"data: {c.labeled_size:,} labeled, {c.unlabeled_size:,} unlabeled, {c.test_size:,} test images "
           f"({c.sizes_from})")
     print(f"counted: {c.steps:,} steps, {c.pairs:,} pairs, {c.decodes:,} JPEG decodes ({c.train_decodes:,} training "
-          f"+ {c.eval_decodes:,} in {c.evaluations} evaluations)")
+          f"+ {c.eval_decodes:,} in {c.evaluations} evaluations; labeled cache {'on' if c.labeled_cache else 'off'})")
     print(f"network: {c.parameters:,} parameters, forward {c.forward_gflop_per_image:.3f} GFLOP per image, "
           f"training step {c.step_gflop_per_pair:.2f} GFLOP per pair "
           f"({c.step_gflop_per_pair / c.forward_gflop_per_image:.1f} forward-equivalents), "
