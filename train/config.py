@@ -32,6 +32,9 @@ class MethodConfig:
     # "run": the meta part in the run's precision (under bf16/fp16 jvp in it, fd's passes per
     # fd_full_precision); "fp32": all of it, g included, in fp32 without TF32 (docs/PERF.md "Fidelity")
     meta_precision: str = "run"
+    # the meta part in fp32 (as meta_precision=fp32) for the first this many steps only, while the network is
+    # near its initialisation, where bf16 misses the fidelity bound (docs/PERF.md "Fidelity"); 0: never
+    fp32_meta_steps: int = 0
     fd_midpoint: bool = False  # fd: take ỹ as (p(θ+εg) + p(θ-εg))/2, one forward fewer, O(ε²) off p(θ)
     meta_mode: str = "eval"  # the mode of the meta part: "eval" (the authors' code) or "train"
     meta_scale: str = "authors"  # ŷ = ỹ - lr·2·J·g ("authors") or ŷ = ỹ - β·∇ỹ of Eq. 5 ("literal")
@@ -52,6 +55,7 @@ class MethodConfig:
         if self.eps <= 0 or self.mixup_gamma <= 0:
             raise ValueError("method.eps and method.mixup_gamma must be positive")
         _at_least("method.consistency_rampup", self.consistency_rampup, 0, "steps (0: full weight from the start)")
+        _at_least("method.fp32_meta_steps", self.fp32_meta_steps, 0, "steps (0: no fp32 window)")
 
 
 @dataclass

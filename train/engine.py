@@ -20,7 +20,7 @@ from mgssl.train.config import Config, OptimConfig, to_dict
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
-from mgssl.train.step import SeparateForwards, autocast_for, train_step
+from mgssl.train.step import SeparateForwards, autocast_for, method_at, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,7 +165,7 @@ def train_loop(t: Training, schedule: RunPlan, start: int, stop: rundir.StopSign
         for step in range(start, total):
             lr = learning_rate(step, cfg.optim, total, schedule.warmup_steps)
             weight = consistency_weight(step, cfg.method.consistency_weight, cfg.method.consistency_rampup)
-            t.window.add(one_step(t, lr, weight))
+            t.window.add(one_step(t, lr, weight, step))
             progress.update()
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
@@ -221,15 +221,15 @@ def restore(t: Training, state: dict) -> None:
         t.window.load_state_dict(state["log_window"], t.d.device)
 
 
-def one_step(t: Training, lr: float, weight: float) -> dict:
+def one_step(t: Training, lr: float, weight: float, step: int) -> dict:
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     batch = next(t.data.train)
     if t.cfg.model.channels_last:  # a no-op for the pipelines that already deliver NHWC memory
         batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in batch)
     cfg = t.cfg
-    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=cfg.method, num_classes=t.data.num_classes,
-                       lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
+    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=method_at(cfg.method, step),
+                       num_classes=t.data.num_classes, lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
                        reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
                        compile_meta=cfg.train.compile)
     if hasattr(t.data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs
