@@ -57,6 +57,10 @@ def test_the_step_takes_the_longer_of_compute_and_decode():
     assert fast_decode.allreduce_ms == pytest.approx(1e3 * 8e6 * 2 * (1 / 2) / 1e9)  # ring: 2(n-1)/n of the bytes
     assert fast_decode.step_ms == pytest.approx(fast_decode.compute_ms + fast_decode.allreduce_ms)
     assert fast_decode.wall_s == pytest.approx(100 * fast_decode.step_ms / 1e3 + fast_decode.eval_s)
+    counts.fp32_meta_steps = 10  # ten steps whose compute is 5x slower
+    windowed = predict(counts, step_pairs_per_s=400, decode_per_s=10_000, busbw_gbps=1, eval_forward_per_s=1000,
+                       fp32_slowdown=5)
+    assert windowed.wall_s == pytest.approx(fast_decode.wall_s + 10 * 4 * fast_decode.compute_ms / 1e3)
 
 
 def test_every_rate_is_labelled_measured_or_published(tmp_path, capsys):
@@ -71,7 +75,8 @@ def test_every_rate_is_labelled_measured_or_published(tmp_path, capsys):
     assert rates["step"]["kind"] == "measured" and rates["step"]["value"] == pytest.approx(16 / 50.0 * 1e3)  # fd in fp32
     assert rates["decode"]["kind"] == rates["allreduce_busbw"]["kind"] == "published"
     out = capsys.readouterr().out
-    assert out.count("[measured: ") == 2 and out.count("[published: ") == 2  # step and eval; decode and all-reduce
+    assert out.count("[measured: ") == 2  # step and evaluation
+    assert out.count("[published: ") == 3  # decode, all-reduce and the fp32 slowdown
     assert "bottleneck: " in out
     assert json.loads((tmp_path / "plan.json").read_text())["counts"]["steps"] == result["counts"]["steps"]
 

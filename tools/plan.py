@@ -51,6 +51,8 @@ H100 = {
     "decode_images_per_s": Rate(7000, "images/s per GPU", "published",
                                 "A100 hardware JPEG decoder + CUDA decode (NVIDIA nvJPEG A100 figures), "
                                 "taken unchanged for H100"),
+    "fp32_slowdown": Rate(989.4 / 66.9, "x", "published", "H100 SXM datasheet: dense bf16 989.4 vs fp32 "
+                          "without tensor cores 66.9 TFLOP/s, applied to the whole step (an upper bound)"),
     "allreduce_busbw": Rate(370, "GB/s", "published",
                             "8 H100 over NVLink, NCCL ring bus bandwidth (NCCL maintainer, NVIDIA/nccl-tests#212)"),
 }
@@ -74,6 +76,7 @@ class RunCounts:
     step_gflop_per_pair: float
     allreduce_bytes_per_step: int
     labeled_cache: bool = False  # data.labeled_cache: each process decodes the labeled set once, not every step
+    fp32_meta_steps: int = 0  # method.fp32_meta_steps: first steps with the meta part in fp32
 
     @property
     def decodes_per_step_per_gpu(self) -> float:
@@ -163,7 +166,8 @@ def count_run(cfg, world_size: int, flops_batch: int = 2) -> RunCounts:
     cache = cfg.data.labeled_cache
     train_decodes = pairs + labeled * world_size if cache else 2 * pairs
     return RunCounts(world_size, cfg.data.batch_size, labeled, unlabeled, test, where, steps, pairs, train_decodes,
-                     evals, evals * test, parameters, forward, per_pair, reduced, cache)
+                     evals, evals * test, parameters, forward, per_pair, reduced, cache,
+                     min(steps, cfg.method.fp32_meta_steps) if cfg.method.meta and cfg.train.precision != "fp32" else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ class Prediction:
 
 
 def predict(counts: RunCounts, step_pairs_per_s: float, decode_per_s: float, busbw_gbps: float,
-            eval_forward_per_s: float) -> Prediction:
+            eval_forward_per_s: float, fp32_slowdown: float = 1.0) -> Prediction:
     n = counts.world_size
     local = counts.global_batch / n
     compute = local / step_pairs_per_s
@@ -218,9 +222,10 @@ def predict(counts: RunCounts, step_pairs_per_s: float, decode_per_s: float, bus
     step = max(compute + allreduce, decode)
     eval_images = counts.eval_decodes / n
     eval_s = max(eval_images / decode_per_s, eval_images / eval_forward_per_s)
-    train = counts.steps * step + counts.start_decodes_per_gpu / decode_per_s  # the cache fills before step 1
+    window = counts.fp32_meta_steps * (max(compute * fp32_slowdown + allreduce, decode) - step)
+    train = counts.steps * step + window + counts.start_decodes_per_gpu / decode_per_s  # the cache fills first
     wall = train + eval_s
-    parts = {"compute": counts.steps * compute, "all-reduce": counts.steps * allreduce,
+    parts = {"compute": counts.steps * compute + window, "all-reduce": counts.steps * allreduce,
              "decode": counts.steps * decode + counts.start_decodes_per_gpu / decode_per_s, "evaluation": eval_s}
     bottleneck = "decode" if decode > compute + allreduce else "compute"
     return Prediction(1e3 * compute, 1e3 * allreduce, 1e3 * decode, 1e3 * step, train, eval_s, wall, bottleneck,
@@ -289,7 +294,8 @@ def main(argv=None) -> dict:
         busbw = Rate(args.allreduce_gbps, "GB/s", "measured", args.allreduce_source)
     else:
         busbw = published.get("allreduce_busbw", Rate(float("inf"), "GB/s", "published", "one GPU: none"))
-    pred = predict(counts, step_rate.value, decode_rate.value, busbw.value, eval_rate.value)
+    slowdown = H100["fp32_slowdown"]  # no measured ratio is read: the datasheet's, labelled below
+    pred = predict(counts, step_rate.value, decode_rate.value, busbw.value, eval_rate.value, slowdown.value)
 
     c = counts
     print(f"{args.config} on {args.gpus} GPU(s): global batch {c.global_batch} + {c.global_batch}, "
@@ -301,10 +307,11 @@ def main(argv=None) -> dict:
     print(f"network: {c.parameters:,} parameters, forward {c.forward_gflop_per_image:.3f} GFLOP per image, "
           f"training step {c.step_gflop_per_pair:.2f} GFLOP per pair "
           f"({c.step_gflop_per_pair / c.forward_gflop_per_image:.1f} forward-equivalents), "
-          f"{c.total_flop / 1e18:.2f} EFLOP in all; all-reduce {c.allreduce_bytes_per_step / 1e6:.1f} MB per step")
+          f"{c.total_flop / 1e18:.2f} EFLOP in all; all-reduce {c.allreduce_bytes_per_step / 1e6:.1f} MB per step; "
+          f"{c.fp32_meta_steps:,} steps with the meta part in fp32")
     print("rates:")
     for name, rate in (("step", step_rate), ("evaluation forward", eval_rate), ("decode", decode_rate),
-                       ("all-reduce bus bandwidth", busbw)):
+                       ("all-reduce bus bandwidth", busbw), ("fp32 meta window slowdown", slowdown)):
         print(f"  {name}: {rate.label()}")
     print(f"per step: compute {pred.compute_ms:.2f} ms + all-reduce {pred.allreduce_ms:.2f} ms "
           f"vs decode {pred.decode_ms:.2f} ms -> {pred.step_ms:.2f} ms")
@@ -314,7 +321,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{k} {100 * v:.1f}%" for k, v in pred.shares.items()))
     result = {"counts": {**asdict(c), "decodes": c.decodes, "total_flop": c.total_flop},
               "rates": {"step": asdict(step_rate), "eval_forward": asdict(eval_rate), "decode": asdict(decode_rate),
-                        "allreduce_busbw": asdict(busbw)},
+                        "allreduce_busbw": asdict(busbw), "fp32_slowdown": asdict(slowdown)},
               "prediction": asdict(pred)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
