@@ -195,11 +195,19 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
     if d.enabled:
         # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
         forwards = nn.parallel.DistributedDataParallel(
-            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_options(cfg))
     reduce_grad = (lambda g: D.average_grads(g, d.world_size)) if (d.enabled and cfg.method.allreduce_grad) else None
     return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
                     checkpoint_path=run_dir / "checkpoints" / ckpt.LAST, commit=git_commit(),
                     finite=torch.ones((), dtype=torch.bool, device=d.device))
+
+
+def ddp_options(cfg: Config) -> dict:
+    """DDP's switches. Gradients live in the all-reduce buckets (no copy in or out). Under SyncBatchNorm
+    every rank computes the same running statistics, so DDP's broadcast of rank 0's buffers before each
+    forward is redundant and is left out; without it, ranks' statistics differ and the meta part (eval
+    mode) reads them, so the broadcast stays."""
+    return {"gradient_as_bucket_view": True, "broadcast_buffers": not cfg.train.sync_bn}
 
 
 def restore(t: Training, state: dict) -> None:
