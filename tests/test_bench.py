@@ -1,6 +1,7 @@
 """The throughput benchmark end to end, and the fused perturbed forwards it measures."""
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -119,3 +120,10 @@ def test_bench_spread_is_the_decile_range_over_the_median():
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     assert spread(times) == pytest.approx((deciles[-1] - deciles[0]) / 10.0) and spread(times) > 0
     assert spread([10.0] * 5) == 0 and spread([7.0]) == 0
+
+
+def test_the_fidelity_of_a_zero_meta_gradient_is_undefined_not_zero():
+    from mgssl.tools.bench import cosine
+
+    assert math.isnan(cosine(torch.zeros(3), torch.ones(3))) and math.isnan(cosine(torch.ones(3), torch.zeros(3)))
+    assert cosine(torch.ones(3), 2 * torch.ones(3)) == pytest.approx(1.0)

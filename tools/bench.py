@@ -224,7 +224,11 @@ def assumed_peak(args, device: torch.device) -> tuple[Optional[float], str]:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+    """Their cosine, or NaN where either is zero: a zero ∇ỹ measures nothing (torch would say 0)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if not (a.any() and b.any()):
+        return float("nan")
+    return F.cosine_similarity(a, b, dim=0).item()
 
 
 def fidelity(net: nn.Module, batch, precision: str, device: torch.device, meta_mode: str,
