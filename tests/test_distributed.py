@@ -269,3 +269,38 @@ def test_the_ddp_switches_train_to_the_same_weights_as_ddp_defaults(tmp_path):
     for key, value in weights["defaults"].items():
         assert torch.equal(value, weights["engine"][key]), key
     assert any(not torch.equal(weights["engine"][k], v) for k, v in start.items())  # the steps trained
+
+
+def _rank_grads(rank: int) -> list:
+    gen = torch.Generator().manual_seed(rank)
+    return [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen) * 1e-3]
+
+
+def _average_both_ways(rank: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mgssl.train.distributed import average_grads
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        mine = _rank_grads(rank)
+        fp32 = average_grads([g.clone() for g in mine], 2)
+        bf16 = average_grads([g.clone() for g in mine], 2, torch.bfloat16)
+        if rank == 0:
+            torch.save({"fp32": fp32, "bf16": bf16}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_g_reduced_in_bf16_is_the_mean_rounded_to_bf16(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "g.pt"
+    mp.spawn(_average_both_ways, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    for exact, wire, a, b in zip(got["fp32"], got["bf16"], _rank_grads(0), _rank_grads(1)):
+        assert torch.allclose(exact, (a + b) / 2, rtol=1e-6, atol=0)
+        assert wire.dtype == torch.float32 and wire.shape == exact.shape  # back in g's own type
+        # bf16 keeps 8 significant bits: each term and the sum rounded once, relative to the terms' size
+        assert ((wire - exact).abs() <= 2 ** -8 * (a.abs() + b.abs())).all()
+        assert not torch.equal(wire, exact)  # it really travelled in bf16

@@ -41,6 +41,13 @@ def test_the_labeled_cache_halves_the_decodes_of_a_step():
     assert on.train_decodes == on.pairs + 2 * on.labeled_size  # each of the 2 processes decodes the set once
 
 
+def test_the_all_reduce_bytes_count_ddp_and_g_in_their_types():
+    fp32 = count_run(load_config("digits", ("train.steps=10",)), world_size=2)
+    bf16 = count_run(load_config("digits", ("train.steps=10", "method.grad_reduce_dtype=bf16")), world_size=2)
+    assert fp32.allreduce_bytes_per_step == 8 * fp32.parameters  # DDP's gradients and g, 4 bytes each
+    assert bf16.allreduce_bytes_per_step == 6 * bf16.parameters
+
+
 def test_evaluations_count_the_final_one_once():
     assert [evaluations(steps, 2) for steps in (4, 5, 1)] == [2, 3, 1]
 

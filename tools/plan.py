@@ -161,8 +161,9 @@ def count_run(cfg, world_size: int, flops_batch: int = 2) -> RunCounts:
     pairs = steps * cfg.data.batch_size
     evals = evaluations(steps, cfg.train.eval_every)
     parameters, forward, per_pair = network_flops(cfg, classes, channels, side, flops_batch)
-    # Per step: DDP's gradient all-reduce, and g's before the meta pass (fp32, 4 bytes an element).
-    reduced = 4 * parameters * (1 + int(cfg.method.meta and cfg.method.allreduce_grad)) if world_size > 1 else 0
+    # Per step: DDP's gradient all-reduce (fp32), and g's before the meta pass (fp32 or bf16).
+    g_bytes = 2 if cfg.method.grad_reduce_dtype == "bf16" else 4
+    reduced = parameters * (4 + g_bytes * int(cfg.method.meta and cfg.method.allreduce_grad)) if world_size > 1 else 0
     cache = cfg.data.labeled_cache
     train_decodes = pairs + labeled * world_size if cache else 2 * pairs
     return RunCounts(world_size, cfg.data.batch_size, labeled, unlabeled, test, where, steps, pairs, train_decodes,

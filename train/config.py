@@ -42,13 +42,15 @@ class MethodConfig:
     consistency_weight: float = 1.0  # w of the MSE consistency term
     consistency_rampup: int = 4000  # steps over which w grows linearly from 0
     mixup_gamma: float = 1.0  # λ ~ Beta(γ, γ)
-    allreduce_grad: bool = True  # average g over ranks before ε is taken (DESIGN §2)
+    allreduce_grad: bool = True  # average g over ranks before ε is taken
+    grad_reduce_dtype: str = "fp32"  # g's all-reduce in fp32, or in bf16 (half the bytes, g rounded to bf16)
 
     def __post_init__(self):
         _choice("method.estimator", self.estimator, ESTIMATORS)
         _choice("method.meta_mode", self.meta_mode, ("eval", "train"))
         _choice("method.meta_precision", self.meta_precision, ("run", "fp32"))
         _choice("method.meta_scale", self.meta_scale, ("authors", "literal"))
+        _choice("method.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
         if not self.unlabeled and (self.meta or self.mixup):
             raise ValueError("method.unlabeled=false is the labeled-only baseline: also set method.meta=false "
                              "and method.mixup=false")

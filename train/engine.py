@@ -196,7 +196,9 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
         # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
         forwards = nn.parallel.DistributedDataParallel(
             forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_options(cfg))
-    reduce_grad = (lambda g: D.average_grads(g, d.world_size)) if (d.enabled and cfg.method.allreduce_grad) else None
+    wire = torch.bfloat16 if cfg.method.grad_reduce_dtype == "bf16" else None
+    reduce_grad = ((lambda g: D.average_grads(g, d.world_size, wire)) if (d.enabled and cfg.method.allreduce_grad)
+                   else None)
     return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
                     checkpoint_path=run_dir / "checkpoints" / ckpt.LAST, commit=git_commit(),
                     finite=torch.ones((), dtype=torch.bool, device=d.device))
