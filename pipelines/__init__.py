@@ -61,7 +61,8 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
         return ImageFolderData(folders, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                                eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
-                               num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir)
+                               num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir,
+                               decoder=decoder_settings(cfg), labeled_cache=cfg.labeled_cache)
     from mgssl.pipelines.memory import InMemoryData
     from mgssl.pipelines.sources import ARRAY_READERS, DataMissingError
 
@@ -80,6 +81,15 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
     split = _split_for_run(cfg, arrays.train_labels, arrays.num_classes, seed)
     return InMemoryData(arrays, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                         eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
+
+
+def decoder_settings(cfg: DataConfig):
+    """The data.decode_* and decoder keys as the DALI pipeline's settings."""
+    from mgssl.pipelines.dali import DecoderSettings
+
+    return DecoderSettings(cfg.decode_device, cfg.hw_decoder_load, cfg.preallocate_width_hint,
+                           cfg.preallocate_height_hint, cfg.device_memory_padding, cfg.host_memory_padding,
+                           cfg.use_mmap)
 
 
 def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int, classes=None, names=()) -> LabelSplit:

@@ -24,6 +24,17 @@ class DataConfig:
     workers: int = field(default=4, metadata=rf.HOW_RUN)  # CPU threads for decoding (ImageNet only)
     image_size: int = 224  # ImageNet crop side
     resize_size: int = 256  # ImageNet shortest edge before the crop ("paper" training and all evaluation)
+    # ImageNet: decode each labeled image once and keep it (uint8, shortest edge resize_size) in host memory;
+    # about 33 GB per process for 10% of ImageNet (pipelines/cache.py). Needs augment=paper.
+    labeled_cache: bool = False
+    # DALI's decoder (ImageNet only; pipelines/README.md "Decoder settings")
+    decode_device: str = "auto"  # auto: the GPU's decoder in a CUDA run, else the CPU | gpu | cpu
+    hw_decoder_load: float = 0.65  # share of the JPEGs given to the hardware decoder (A100/H100), the rest to CUDA
+    preallocate_width_hint: int = 5980  # GPU decoder buffers sized for ImageNet's largest image
+    preallocate_height_hint: int = 6430
+    device_memory_padding: int = 211_025_920  # bytes of headroom in the GPU decoder's device buffers
+    host_memory_padding: int = 140_544_512  # bytes of headroom in its pinned host buffers
+    use_mmap: bool = False  # let DALI's file reader (evaluation) mmap files; off, as on network file systems
     download: bool = False  # CIFAR/SVHN: fetch the files into data.root when missing (never by default)
 
     def __post_init__(self):
@@ -44,5 +55,12 @@ class DataConfig:
                              f"data.resize_size={self.resize_size}")
         if self.workers < 1:
             raise ValueError(f"data.workers={self.workers}: the decoding pipeline needs at least 1 CPU thread")
+        if self.labeled_cache and self.augment != "paper":
+            raise ValueError(f"data.labeled_cache=true keeps images resized before the crop, which is the 'paper' "
+                             f"augmentation; set data.augment=paper or data.labeled_cache=false")
+        if self.decode_device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"data.decode_device={self.decode_device!r}: choose auto, gpu or cpu")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"data.hw_decoder_load={self.hw_decoder_load}: give a share between 0 and 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")

@@ -1,15 +1,18 @@
 """ImageNet-style folders through NVIDIA DALI: read, decode (on the GPU when there is one), crop,
 flip and normalise, straight into torch tensors in channels_last.
 
+One pipeline per stream for the whole run. A training stream's pipeline is built once and fed by
+`external_source` with the encoded bytes of this rank's files, batch after batch, in `IndexStream`
+order; a pool of threads reads the files a few batches ahead, so neither the reading nor a pipeline
+build sits on the training thread as the run goes on (only a resume or a corrupt file builds anew).
+
 Exact resume. DALI's own shuffling and random operators keep state inside the pipeline, so instead
 the order comes from `IndexStream` (a pure function of the seed and the position) and every random
 number of the augmentation comes from a NumPy generator seeded by (seed, stream, rank, batch number)
-and fed in through `external_source`. A pipeline is built for a chunk of the stream (about one epoch)
-with the files in the order they will be used; a resumed run builds its first chunk at the saved
-batch and gets the same images with the same crops as a run that never stopped.
+and fed in beside the bytes. A resumed run starts its pipeline at the saved batch and gets the same
+images with the same crops as a run that never stopped.
 
-Sharding. Every rank builds the same rank-major file list for a chunk, and the file reader's
-`shard_id`/`num_shards` hands each rank its own slice, which is that rank's share of each global batch.
+Sharding. Each rank computes only its own slice of every global batch and reads only those files.
 
 Corrupt files. DALI's decode errors do not name the file. When a batch fails, the files it may have
 come from are decoded one by one on the CPU to find the culprit. With `on_corrupt="skip"` (default)
@@ -19,6 +22,7 @@ stay exact); with `on_corrupt="error"` the run stops with an error naming the fi
 import math
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -137,6 +141,40 @@ class Transform:
 CROP_TRIES = 10  # candidate crops per image for `authors`, as torchvision's RandomResizedCrop tries
 
 
+@dataclass(frozen=True)
+class DecoderSettings:
+    """Where DALI decodes and how its GPU ("mixed") decoder is tuned; filled from the data.decode_* keys.
+    The padding and preallocation defaults are those of NVIDIA's ResNet-50 DALI example for ImageNet
+    (sized for its largest images, so the decoder does not reallocate mid-run)."""
+    device: str = "auto"  # auto: the GPU when the run has one, else the CPU | gpu | cpu
+    hw_decoder_load: float = 0.65  # share of the images sent to the hardware JPEG decoder (DALI's default)
+    preallocate_width_hint: int = 5980
+    preallocate_height_hint: int = 6430
+    device_memory_padding: int = 211_025_920  # bytes
+    host_memory_padding: int = 140_544_512  # bytes
+    use_mmap: bool = False  # file reader (evaluation): mmap is slow or unsafe on network file systems
+
+    def __post_init__(self):
+        if self.device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"data.decode_device={self.device!r}: choose auto, gpu or cpu")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"data.hw_decoder_load={self.hw_decoder_load}: give a share between 0 and 1")
+
+    def backend(self, device_id: Optional[int]) -> str:
+        """DALI's decoder backend: "mixed" (GPU) or "cpu"."""
+        if self.device == "gpu" and device_id is None:
+            raise ValueError("data.decode_device=gpu needs a CUDA run; set data.decode_device=cpu or auto")
+        return "mixed" if device_id is not None and self.device != "cpu" else "cpu"
+
+    def decoder_arguments(self, backend: str) -> dict:
+        if backend != "mixed":
+            return {}
+        return {"hw_decoder_load": self.hw_decoder_load, "preallocate_width_hint": self.preallocate_width_hint,
+                "preallocate_height_hint": self.preallocate_height_hint,
+                "device_memory_padding": self.device_memory_padding,
+                "host_memory_padding": self.host_memory_padding}
+
+
 def augmentation_numbers(seed: int, stream_id: int, rank: int, batch: int, size: int, count: int) -> np.ndarray:
     """Uniform [0, 1) numbers for one batch of one rank, float32 (size, count): a pure function of its key."""
     return np.random.default_rng([seed, stream_id, rank, batch]).random((size, count), dtype=np.float32)
@@ -167,52 +205,80 @@ def random_area_window(numbers, height, width):
     return fn.stack((1.0 - w_frac) * numbers[1], (1.0 - h_frac) * numbers[2]), fn.stack(w_frac, h_frac)
 
 
-def _graph(jpegs, labels, transform: Transform, decode_device: str, numbers):
+def _graph(jpegs, labels, transform: Transform, decoder: DecoderSettings, device_id: Optional[int], numbers):
     """The DALI operators after the reader; `numbers` is a DataNode of per-sample uniforms or None."""
+    from nvidia.dali import fn, types
+
+    backend = decoder.backend(device_id)
+    decode = dict(device=backend, output_type=types.RGB, **decoder.decoder_arguments(backend))
+    on_gpu = device_id is not None and backend == "cpu"  # CPU decode for a GPU run: the rest runs on the GPU
+    if transform.kind == "authors":
+        shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C), read from the header
+        anchor, window = random_area_window(numbers, shape[0], shape[1])
+        images = fn.decoders.image_slice(jpegs, anchor, window, normalized_anchor=True, normalized_shape=True,
+                                         **decode)
+        images = images.gpu() if on_gpu else images
+        images = fn.resize(images, resize_x=transform.image_size, resize_y=transform.image_size)
+    else:
+        images = fn.decoders.image(jpegs, **decode)
+        images = images.gpu() if on_gpu else images
+        images = fn.resize(images, resize_shorter=transform.resize_size)
+    return crop_normalise(images, transform, numbers), labels
+
+
+def crop_normalise(images, transform: Transform, numbers):
+    """DALI graph: the crop (paper, eval), flip and normalisation of uint8 HWC images already resized
+    (shortest edge `resize_size`, or for `authors` already cropped and resized)."""
     from nvidia.dali import fn, types
 
     mean = [255.0 * m for m in MEAN]
     std = [255.0 * s for s in STD]
     size = transform.image_size
-    if transform.kind == "authors":
-        shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C), read from the header
-        anchor, window = random_area_window(numbers, shape[0], shape[1])
-        images = fn.decoders.image_slice(jpegs, anchor, window, device=decode_device, output_type=types.RGB,
-                                         normalized_anchor=True, normalized_shape=True)
-        images = fn.resize(images, resize_x=size, resize_y=size)
-        crop = {}
-    else:
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=transform.resize_size)
-        crop = {"crop": (size, size)}
-        if transform.kind == "paper":
-            crop.update(crop_pos_x=numbers[1], crop_pos_y=numbers[2])
+    crop = {} if transform.kind == "authors" else {"crop": (size, size)}
+    if transform.kind == "paper":
+        crop.update(crop_pos_x=numbers[1], crop_pos_y=numbers[2])
     if transform.kind != "eval" and transform.flip:
         crop["mirror"] = fn.cast(numbers[0] < 0.5, dtype=types.INT32)
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, **crop)
-    return images, labels
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, **crop)
 
 
 def build_pipeline(files: Sequence[str], labels: Sequence[int], transform: Transform, *, batch_size: int,
                    shard_id: int = 0, num_shards: int = 1, device_id: Optional[int] = None, num_threads: int = 2,
-                   numbers: Optional[Callable[[int], np.ndarray]] = None):
+                   numbers: Optional[Callable[[int], np.ndarray]] = None, decoder: DecoderSettings = DecoderSettings()):
     """A built DALI pipeline reading `files` in order (this shard's contiguous slice), giving
-    (float HWC normalised images, int32 labels). `numbers(iteration)` supplies the augmentation's
-    uniforms; the decode runs on GPU `device_id`, or on the CPU when it is None."""
+    (float HWC normalised images, int32 labels): one pass, for evaluation. `numbers(iteration)`
+    supplies the augmentation's uniforms; the decode runs on GPU `device_id`, or on the CPU when it
+    is None."""
     from nvidia.dali import fn, pipeline_def, types
-
-    decode_device = "cpu" if device_id is None else "mixed"
 
     @pipeline_def
     def pipe():
         jpegs, lab = fn.readers.file(files=list(files), labels=[int(v) for v in labels], random_shuffle=False,
                                      shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
-                                     pad_last_batch=True, name="reader")
+                                     pad_last_batch=True, dont_use_mmap=not decoder.use_mmap, name="reader")
         uniforms = None
         if transform.random_numbers:
             uniforms = fn.external_source(source=lambda info: list(numbers(info.iteration)), batch_info=True,
                                           batch=True, dtype=types.FLOAT, ndim=1)
-        return _graph(jpegs, lab, transform, decode_device, uniforms)
+        return _graph(jpegs, lab, transform, decoder, device_id, uniforms)
+
+    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
+             prefetch_queue_depth=PREFETCH, exec_async=True, exec_pipelined=True)
+    p.build()
+    return p
+
+
+def build_stream_pipeline(source: Callable, transform: Transform, *, batch_size: int, device_id: Optional[int],
+                          num_threads: int, decoder: DecoderSettings = DecoderSettings()):
+    """A built DALI pipeline fed by `source(info)` -> (encoded images, int32 labels, float32 uniforms),
+    one batch per call with `info.iteration` counting from 0: the long-lived pipeline of a stream."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def pipe():
+        jpegs, lab, uniforms = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                                  dtype=[types.UINT8, types.INT32, types.FLOAT], ndim=[1, 1, 1])
+        return _graph(jpegs, lab, transform, decoder, device_id, uniforms if transform.random_numbers else None)
 
     p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
              prefetch_queue_depth=PREFETCH, exec_async=True, exec_pipelined=True)
@@ -309,25 +375,69 @@ class CorruptFiles:
                 rf.append_text(Path(self.run_dir) / rf.CORRUPT, path + "\n")  # never through a planted link
 
 
+def read_encoded(path: str) -> np.ndarray:
+    """A file's bytes as uint8, or no bytes when it cannot be read (the decoder then fails on it, and
+    the failure is traced to the file like any undecodable image)."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return np.zeros(0, dtype=np.uint8)
+
+
+def read_all(paths: Sequence[str]) -> list[np.ndarray]:
+    return [read_encoded(path) for path in paths]
+
+
+class ReadAhead:
+    """The encoded bytes of a stream's batches, read by a pool of threads `ahead` batches before they are
+    asked for (file reads release the GIL, so they overlap both the decoder and the training step)."""
+
+    def __init__(self, files_of_batch: Callable[[int], list[str]], threads: int, ahead: int):
+        self.files_of_batch, self.ahead = files_of_batch, ahead
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="mgssl-read")
+        self.pending: dict[int, Future] = {}
+
+    def batch(self, batch: int) -> list[np.ndarray]:
+        for b in range(batch, batch + self.ahead + 1):
+            if b not in self.pending:  # one task per batch: batches read in parallel, little overhead per file
+                self.pending[b] = self.pool.submit(read_all, self.files_of_batch(b))
+        for b in [b for b in self.pending if b < batch]:  # asked out of order: never needed again
+            del self.pending[b]
+        return self.pending.pop(batch).result()
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending = {}
+        self.pool.shutdown(wait=False)
+
+
 class FileStream:
-    """Endless augmented batches of one set of files (labeled or unlabeled) for one rank."""
+    """Endless augmented batches of one set of files (labeled or unlabeled) for one rank, from one
+    DALI pipeline built at the first batch (and again only after a resume or a corrupt file)."""
 
     def __init__(self, files: Sequence[str], labels: np.ndarray, members: np.ndarray, transform: Transform, *,
                  global_batch: int, seed: int, stream_id: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1, num_threads: int = 2, chunk_batches: Optional[int] = None,
-                 corrupt: Optional[CorruptFiles] = None):
+                 world_size: int = 1, num_threads: int = 2, corrupt: Optional[CorruptFiles] = None,
+                 decoder: DecoderSettings = DecoderSettings(), read_ahead: int = 2 * PREFETCH, cache=None):
         self.files, self.labels, self.members = files, labels, np.asarray(members, dtype=np.int64)
         self.transform, self.seed, self.stream_id, self.device = transform, seed, stream_id, device
         self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
+        self.decoder, self.read_ahead = decoder, read_ahead
+        self.cache = cache  # pipelines.cache.DecodedImages: the set decoded once (`paper` only), or None
         self.local = global_batch // world_size
         self.index = IndexStream(len(self.members), seed * 1000 + stream_id, global_batch, rank, world_size)
-        self.chunk_batches = chunk_batches or max(100, math.ceil(len(self.members) / global_batch))
+        # The feeder's own copy: it runs ahead of `index`, and each keeps its epoch's permutation cached.
+        self.feed_index = IndexStream(len(self.members), seed * 1000 + stream_id, global_batch, rank, world_size)
         self.corrupt = corrupt or CorruptFiles("error")
         self.skipped: set[int] = set()  # positions in `members` whose file is undecodable
-        self._pipe, self._chunk_start, self._chunk_files = None, 0, []
+        self.builds = 0  # pipelines built so far: one per run start, plus one per resume or corrupt file
+        self._pipe, self._reader, self._start, self._table = None, None, 0, None
 
     def _stand_ins(self) -> np.ndarray:
         """Position -> the position actually read: itself, or for an undecodable file the next good one."""
+        if self._table is not None:
+            return self._table
         n = len(self.members)
         table = np.arange(n, dtype=np.int64)
         if len(self.skipped) == n:
@@ -337,41 +447,72 @@ class FileStream:
             while (pos + step) % n in self.skipped:
                 step += 1
             table[pos] = (pos + step) % n
+        self._table = table
         return table
 
+    def batch_members(self, batch: int) -> np.ndarray:
+        """Indices into `files` of this rank's share of global batch `batch`, stand-ins applied."""
+        return self.members[self._stand_ins()[self.feed_index.batch_indices(batch, self.rank).numpy()]]
+
+    def batch_files(self, batch: int) -> list[str]:
+        return [self.files[i] for i in self.batch_members(batch)]
+
+    def _feed(self, info):
+        """external_source's callback: everything the pipeline needs for its next batch."""
+        batch = self._start + info.iteration
+        chosen = self.batch_members(batch)
+        numbers = augmentation_numbers(self.seed, self.stream_id, self.rank, batch, self.local,
+                                       max(1, self.transform.random_numbers))
+        labels = self.labels[chosen].astype(np.int32).reshape(-1, 1)
+        images = [self.cache.images[i] for i in chosen] if self.cache is not None else self._reader.batch(batch)
+        return images, labels, numbers  # dense arrays for the rest: DALI takes them whole
+
     def _build(self) -> None:
-        start = self.index.batches_done
-        batches = range(start, start + self.chunk_batches)
-        order = torch.cat([self.index.batch_indices(b, r) for r in range(self.world_size) for b in batches])
-        positions = self._stand_ins()[order.numpy()]  # rank-major: rank r's share is the r-th contiguous slice
-        chosen = self.members[positions]
-        files = [self.files[i] for i in chosen]
-        labels = self.labels[chosen]
-        n = self.transform.random_numbers
-        numbers = (lambda it: augmentation_numbers(self.seed, self.stream_id, self.rank, start + it, self.local, n))
-        self._pipe = None  # free the old pipeline's threads and buffers first
-        self._pipe = build_pipeline(files, labels, self.transform, batch_size=self.local, shard_id=self.rank,
-                                    num_shards=self.world_size, device_id=_device_id(self.device),
-                                    num_threads=self.num_threads, numbers=numbers)
-        self._chunk_start = start
-        mine = len(files) // self.world_size
-        self._chunk_files = files[self.rank * mine:(self.rank + 1) * mine]
+        self._close()  # free the old pipeline's threads and buffers first
+        self._start = self.index.batches_done
+        if self.cache is not None:
+            self._build_cached()
+        else:
+            self._reader = ReadAhead(self.batch_files, self.num_threads, self.read_ahead)
+            self._pipe = build_stream_pipeline(self._feed, self.transform, batch_size=self.local,
+                                               device_id=_device_id(self.device), num_threads=self.num_threads,
+                                               decoder=self.decoder)
+        self.builds += 1
+
+    def _build_cached(self) -> None:
+        from mgssl.pipelines.cache import build_cached_pipeline
+
+        bad = self.cache.fill(self.files, self.members, self.transform, batch_size=self.local,
+                              device_id=_device_id(self.device), num_threads=self.num_threads, decoder=self.decoder,
+                              corrupt=self.corrupt)
+        if bad:
+            self.skipped |= {int(p) for p, m in enumerate(self.members) if int(m) in bad}
+            self._table = None
+        self._pipe = build_cached_pipeline(self._feed, self.transform, batch_size=self.local,
+                                           device_id=_device_id(self.device), num_threads=self.num_threads)
+
+    def _close(self) -> None:
+        self._pipe = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
-            if self._pipe is None or self.index.batches_done >= self._chunk_start + self.chunk_batches:
+            if self._pipe is None:
                 self._build()
             try:
                 images, labels = self._pipe.run()
             except Exception as e:  # a decode failure makes the whole pipeline unusable
-                self._pipe = None
-                k = self.index.batches_done - self._chunk_start
-                candidates = self._chunk_files[k * self.local:(k + 1 + PREFETCH) * self.local]
+                self._close()
+                done = self.index.batches_done
+                candidates = [f for b in range(done, done + PREFETCH + 1) for f in self.batch_files(b)]
                 found = find_undecodable(candidates)
                 self.corrupt.report(found, candidates, e)
                 bad = set(found)
                 self.skipped |= {int(p) for p, m in enumerate(self.members) if self.files[m] in bad}
-                continue  # rebuild from this batch without the file
+                self._table = None
+                continue  # a new pipeline from this batch, without the file
             self.index.position += self.index.global_batch
             return to_torch(images, labels, self.device)
 
@@ -385,7 +526,8 @@ class FileStream:
     def load_state_dict(self, state: dict) -> None:
         self.index.load_state_dict(state)
         self.skipped = {int(p) for p in state.get("skipped", [])}
-        self._pipe = None
+        self._table = None
+        self._close()
 
 
 def _device_id(device: torch.device) -> Optional[int]:
@@ -421,8 +563,8 @@ class PairedFileBatches:
 
 
 def eval_batches(files: Sequence[str], labels: np.ndarray, transform: Transform, *, batch_size: int,
-                 device: torch.device, num_threads: int = 2,
-                 corrupt: Optional[CorruptFiles] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 device: torch.device, num_threads: int = 2, corrupt: Optional[CorruptFiles] = None,
+                 decoder: DecoderSettings = DecoderSettings()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches of `files` in order, each file once; undecodable files are dropped (skip) or
     stop the evaluation with their name (error)."""
     corrupt = corrupt or CorruptFiles("error")
@@ -432,7 +574,7 @@ def eval_batches(files: Sequence[str], labels: np.ndarray, transform: Transform,
     while done < len(keep):
         todo = keep[done:]
         pipe = build_pipeline([files[i] for i in todo], labels[todo], transform, batch_size=batch_size,
-                              device_id=_device_id(device), num_threads=num_threads)
+                              device_id=_device_id(device), num_threads=num_threads, decoder=decoder)
         try:
             for start in range(0, len(todo), batch_size):
                 images, y = pipe.run()

@@ -6,7 +6,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from mgssl.pipelines.dali import CorruptFiles, FileStream, PairedFileBatches, Transform, eval_batches
+from mgssl.pipelines.dali import CorruptFiles, DecoderSettings, FileStream, PairedFileBatches, Transform, \
+    eval_batches
 from mgssl.pipelines.folders import FileDataset
 from mgssl.pipelines.prefetch import Prefetched
 from mgssl.pipelines.splits import LabelSplit
@@ -16,10 +17,11 @@ class ImageFolderData:
     def __init__(self, data: FileDataset, split: LabelSplit, *, include_labeled: bool, global_batch: int,
                  eval_batch: int, seed: int, device, augment: str = "paper", image_size: int = 224,
                  resize_size: int = 256, on_corrupt: str = "skip", num_threads: int = 4, rank: int = 0,
-                 world_size: int = 1, run_dir: Optional[Path] = None, chunk_batches: Optional[int] = None):
+                 world_size: int = 1, run_dir: Optional[Path] = None,
+                 decoder: DecoderSettings = DecoderSettings(), labeled_cache: bool = False):
         self.name, self.num_classes, self.in_channels, self.image_size = data.name, data.num_classes, 3, image_size
         self.data, self.split, self.device = data, split, torch.device(device)
-        self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
+        self.rank, self.world_size, self.num_threads, self.decoder = rank, world_size, num_threads, decoder
         self.eval_batch = max(1, eval_batch // world_size)
         self.eval_transform = Transform("eval", image_size, resize_size)
         self.corrupt = CorruptFiles(on_corrupt, run_dir)  # every rank appends what it finds
@@ -27,9 +29,14 @@ class ImageFolderData:
         self.unlabeled_size = len(unlabeled)
         train = Transform(augment, image_size, resize_size)
         common = dict(global_batch=global_batch, seed=seed, device=self.device, rank=rank, world_size=world_size,
-                      num_threads=num_threads, chunk_batches=chunk_batches, corrupt=self.corrupt)
+                      num_threads=num_threads, corrupt=self.corrupt, decoder=decoder)
+        cache = None
+        if labeled_cache:
+            from mgssl.pipelines.cache import DecodedImages
+
+            cache = DecodedImages()
         self.train = PairedFileBatches(
-            FileStream(data.train_files, data.train_labels, split.labeled, train, stream_id=1, **common),
+            FileStream(data.train_files, data.train_labels, split.labeled, train, stream_id=1, cache=cache, **common),
             FileStream(data.train_files, data.train_labels, unlabeled, train, stream_id=2, **common))
         if self.device.type == "cuda":
             self.train = Prefetched(self.train, self.device)  # the next batch copied out during the step
@@ -50,4 +57,4 @@ class ImageFolderData:
             return iter(())
         return eval_batches(mine, labels[self.rank::self.world_size], self.eval_transform,
                             batch_size=self.eval_batch, device=self.device, num_threads=self.num_threads,
-                            corrupt=self.corrupt)
+                            corrupt=self.corrupt, decoder=self.decoder)

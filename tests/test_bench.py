@@ -1,6 +1,8 @@
 """The throughput benchmark end to end, and the fused perturbed forwards it measures."""
 import copy
 import json
+import math
+import statistics
 import subprocess
 import sys
 
@@ -93,3 +95,35 @@ def test_batched_fd_equals_sequential_fd_and_leaves_the_model_unchanged(midpoint
     assert torch.equal(bat.grad_norm, seq.grad_norm)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def summary_of(median_ms: dict, mfu: dict) -> dict:
+    return {"median_ms": median_ms, "mfu": mfu, "peak_tflops_source": "a measured matmul rate"}
+
+
+def test_bench_refuses_a_utilisation_over_100_percent_and_a_supervised_step_slower_than_meta():
+    from mgssl.tools.bench import impossible_figures
+
+    sane = summary_of({"supervised": 10.0, "mixup": 20.0, "meta+mixup fd": 40.0}, {"meta+mixup fd": 0.3})
+    assert impossible_figures(sane) == []
+    over = summary_of(sane["median_ms"], {"meta+mixup fd": 2.74})
+    assert impossible_figures(over) == ["meta+mixup fd at 274% of the assumed peak (a measured matmul rate)"]
+    inverted = summary_of({"supervised": 5600.0, "mixup": 20.0, "meta+mixup jvp": 1900.0}, {})
+    (problem,) = impossible_figures(inverted)
+    assert "supervised step (5600.0 ms) slower than meta+mixup jvp" in problem
+
+
+def test_bench_spread_is_the_decile_range_over_the_median():
+    from mgssl.tools.bench import spread
+
+    times = [10.0] * 8 + [30.0, 5.0]
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    assert spread(times) == pytest.approx((deciles[-1] - deciles[0]) / 10.0) and spread(times) > 0
+    assert spread([10.0] * 5) == 0 and spread([7.0]) == 0
+
+
+def test_the_fidelity_of_a_zero_meta_gradient_is_undefined_not_zero():
+    from mgssl.tools.bench import cosine
+
+    assert math.isnan(cosine(torch.zeros(3), torch.ones(3))) and math.isnan(cosine(torch.ones(3), torch.zeros(3)))
+    assert cosine(torch.ones(3), 2 * torch.ones(3)) == pytest.approx(1.0)

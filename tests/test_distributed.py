@@ -219,3 +219,88 @@ def test_workers_of_a_restart_agree_on_a_fresh_name_despite_a_stale_one(tmp_path
         t.join(timeout=120)
     assert not errors, errors
     assert len(set(names.values())) == 1 and names[0] != "dead-attempt" and len(names) == 3
+
+
+def _ddp_steps(rank: int, store_path: str, options: dict, out: str) -> None:
+    """Two meta+mixup steps of digits_cnn under DDP with `options`, rank `rank` of 2 (gloo), each rank
+    on its own batch; rank 0 saves the weights."""
+    import torch.distributed as dist
+
+    from mgssl.model import build_model
+    from mgssl.train.config import MethodConfig
+    from mgssl.train.distributed import average_grads
+    from mgssl.train.step import SeparateForwards, train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = build_model("digits_cnn", 10, 1)
+        forwards = torch.nn.parallel.DistributedDataParallel(SeparateForwards(net), **options)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+        torch.manual_seed(10 + rank)  # and its own mixup draws
+        for _ in range(2):
+            batch = (torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen),
+                     torch.randn(4, 1, 8, 8, generator=gen))
+            train_step(forwards, net, optimizer, batch, method=MethodConfig(), num_classes=10, lr=0.1,
+                       consistency_weight=1.0, reduce_grad=lambda g: average_grads(g, 2), world_size=2)
+        if rank == 0:
+            torch.save(net.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ddp_switches_train_to_the_same_weights_as_ddp_defaults(tmp_path):
+    import torch.multiprocessing as mp
+
+    from mgssl.train.config import load_config
+    from mgssl.train.engine import ddp_options
+
+    weights = {}
+    for name, options in (("defaults", {}), ("engine", ddp_options(load_config("digits")))):
+        out = tmp_path / f"{name}.pt"
+        mp.spawn(_ddp_steps, args=(str(tmp_path / f"{name}.store"), options, str(out)), nprocs=2, join=True)
+        weights[name] = torch.load(out, weights_only=True)
+    from mgssl.model import build_model
+
+    torch.manual_seed(0)
+    start = build_model("digits_cnn", 10, 1).state_dict()
+    for key, value in weights["defaults"].items():
+        assert torch.equal(value, weights["engine"][key]), key
+    assert any(not torch.equal(weights["engine"][k], v) for k, v in start.items())  # the steps trained
+
+
+def _rank_grads(rank: int) -> list:
+    gen = torch.Generator().manual_seed(rank)
+    return [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen) * 1e-3]
+
+
+def _average_both_ways(rank: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mgssl.train.distributed import average_grads
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        mine = _rank_grads(rank)
+        fp32 = average_grads([g.clone() for g in mine], 2)
+        bf16 = average_grads([g.clone() for g in mine], 2, torch.bfloat16)
+        if rank == 0:
+            torch.save({"fp32": fp32, "bf16": bf16}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_g_reduced_in_bf16_is_the_mean_rounded_to_bf16(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "g.pt"
+    mp.spawn(_average_both_ways, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    for exact, wire, a, b in zip(got["fp32"], got["bf16"], _rank_grads(0), _rank_grads(1)):
+        assert torch.allclose(exact, (a + b) / 2, rtol=1e-6, atol=0)
+        assert wire.dtype == torch.float32 and wire.shape == exact.shape  # back in g's own type
+        # bf16 keeps 8 significant bits: each term and the sum rounded once, relative to the terms' size
+        assert ((wire - exact).abs() <= 2 ** -8 * (a.abs() + b.abs())).all()
+        assert not torch.equal(wire, exact)  # it really travelled in bf16

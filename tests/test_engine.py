@@ -118,3 +118,13 @@ def test_resuming_with_a_changed_experiment_is_refused(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [6, 12]
     # A run started with estimator=fd resumes under the default auto when that resolves to fd.
     run(digits("train.steps=14", "method.estimator=fd"), tmp_path, resume=True)
+
+
+def test_ddp_keeps_the_buffer_broadcast_unless_syncbatchnorm_aligns_the_statistics():
+    from mgssl.train.config import load_config
+    from mgssl.train.engine import ddp_options
+
+    plain = ddp_options(load_config("digits"))
+    synced = ddp_options(load_config("digits", ("train.sync_bn=true",)))
+    assert plain == {"gradient_as_bucket_view": True, "broadcast_buffers": True}
+    assert synced["broadcast_buffers"] is False and synced["gradient_as_bucket_view"]

@@ -17,6 +17,11 @@ def test_the_dry_run_runs_every_check_and_writes_one_table(tmp_path):
     assert next(r for r in rows if r.check == "resume").result.startswith("weights bit-identical")
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and "commit" in table and "DALI" in table
+    assert "every CUDA path" in table  # a dry run says what it did not exercise
+    for r in rows:  # a row either has a pass mark it can miss, or says it is a report
+        assert r.status in ("ok", "FAIL", "missed", "skipped", "report")
+        assert r.status != "ok" or r.goal != "report"
+    assert {r.status for r in rows if r.check == "bench"} <= {"report", "skipped"}  # no goals at tiny sizes
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["header"]["torch"]
 

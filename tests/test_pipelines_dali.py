@@ -95,29 +95,65 @@ def test_two_ranks_get_disjoint_halves_of_each_global_batch(folders):
         _, y1, u1 = next(ranks[1].train)
         assert u0.shape[0] == u1.shape[0] == 4
         assert torch.equal(torch.cat([y0, y1]), y)  # the reader's shard_id slice is the rank's share
-    # the images themselves: rank r's file list is its share of the same global order
-    assert ranks[0].train.unlabeled._chunk_files != ranks[1].train.unlabeled._chunk_files
+    # the images themselves: rank r reads its share of the same global order
+    files = [[r.train.unlabeled.batch_files(b) for b in range(5)] for r in ranks]
+    assert files[0] != files[1]
     evals = [torch.cat([y for _, y in r.eval_batches("test")]) for r in ranks]
     assert len(evals[0]) + len(evals[1]) == 9
 
 
-def test_a_restored_stream_continues_with_the_same_images_and_crops(folders):
-    cfg = config(folders, augment="authors")
+@pytest.mark.parametrize("augment", ["paper", "authors"])
+def test_a_restored_stream_continues_with_the_same_images_and_crops(folders, augment):
+    cfg = config(folders, augment=augment)
     reference = build_data(cfg, seed=1, device="cpu")
-    reference.train.labeled.chunk_batches = reference.train.unlabeled.chunk_batches = 3  # rebuild across chunks
-    batches = [next(reference.train) for _ in range(7)]
+    batches = [next(reference.train) for _ in range(9)]  # 6 labeled, 18 unlabeled: 6 and 2 epochs
+    for stop in (1, 4, 5):  # inside an epoch of both streams, just after and just before a boundary
+        first = build_data(cfg, seed=1, device="cpu")
+        for _ in range(stop):
+            next(first.train)
+        resumed = build_data(cfg, seed=1, device="cpu")
+        resumed.train.load_state_dict(first.train.state_dict())
+        for expected in batches[stop:]:
+            got = next(resumed.train)
+            for a, b in zip(got, expected):
+                assert torch.equal(a, b), stop
+    assert resumed.train.unlabeled_epoch == pytest.approx(9 * 4 / resumed.unlabeled_size)
 
-    first = build_data(cfg, seed=1, device="cpu")
-    for _ in range(4):
-        next(first.train)
-    state = first.train.state_dict()
-    resumed = build_data(cfg, seed=1, device="cpu")
-    resumed.train.load_state_dict(state)
-    for expected in batches[4:]:
-        got = next(resumed.train)
-        for a, b in zip(got, expected):
-            assert torch.equal(a, b)
-    assert resumed.train.unlabeled_epoch == pytest.approx(7 * 4 / resumed.unlabeled_size)
+
+def test_a_stream_builds_one_pipeline_for_the_whole_run(folders):
+    data = build_data(config(folders), seed=2, device="cpu")
+    for _ in range(30):  # 20 epochs of the labeled set, 6.7 of the unlabeled
+        next(data.train)
+    assert data.train.labeled.epoch == 20 and data.train.unlabeled.epoch > 6
+    assert (data.train.labeled.builds, data.train.unlabeled.builds) == (1, 1)
+    data.train.load_state_dict(data.train.state_dict())  # a resume starts one new pipeline per stream
+    next(data.train)
+    assert (data.train.labeled.builds, data.train.unlabeled.builds) == (2, 2)
+
+
+def test_each_rank_reads_only_its_own_files(folders, monkeypatch):
+    from collections import Counter
+
+    import mgssl.pipelines.dali as dali
+
+    reads = []
+    real = dali.read_encoded
+    monkeypatch.setattr(dali, "read_encoded", lambda path: reads.append(path) or real(path))
+    cfg = config(folders, batch_size=8, labels=0.5, unlabeled="all")
+    rank = build_data(cfg, seed=4, device="cpu", rank=1, world_size=2)
+    for _ in range(6):
+        next(rank.train)
+    for stream in (rank.train.labeled, rank.train.unlabeled):
+        stream._close()  # waits for no read: the reads made so far are all there are
+    local = 4
+    assert len(reads) % local == 0
+    wanted = Counter()
+    for stream in (rank.train.labeled, rank.train.unlabeled):
+        submitted = 6 + dali.PREFETCH + stream.read_ahead + 1  # batches the reader was asked for, at most
+        for b in range(submitted):
+            wanted.update(stream.batch_files(b))
+    assert not Counter(reads) - wanted  # nothing outside rank 1's share of those batches
+    assert len(reads) <= 2 * (6 + dali.PREFETCH + rank.train.labeled.read_ahead + 1) * local  # not 2 ranks' worth
 
 
 def reference_window(u: np.ndarray, height: float, width: float):
@@ -212,3 +248,45 @@ def test_image_folder_errors_name_the_path_and_the_layout(tmp_path):
     (root / "val" / "n99999999").mkdir()
     with pytest.raises(ValueError, match="n99999999"):
         load_image_folders(str(root))
+
+
+def test_the_labeled_cache_gives_the_same_batches_and_resumes_exactly(folders):
+    plain = build_data(config(folders), seed=5, device="cpu")
+    cached = build_data(config(folders, labeled_cache=True), seed=5, device="cpu")
+    expected = [next(plain.train) for _ in range(8)]  # 6 labeled images, 4 a step: 5 labeled epochs
+    for want in expected:
+        for got, w in zip(next(cached.train), want):
+            assert torch.equal(got, w)
+    labeled = cached.train.labeled
+    assert labeled._reader is None and labeled.builds == 1  # batches come from memory, not from files
+    assert len(labeled.cache.images) == 6 and labeled.cache.nbytes == sum(
+        im.shape[0] * im.shape[1] * 3 for im in labeled.cache.images.values())
+    assert all(min(im.shape[:2]) == 20 for im in labeled.cache.images.values())  # shortest edge at resize_size
+    resumed = build_data(config(folders, labeled_cache=True), seed=5, device="cpu")
+    state = {"labeled": {"position": 3 * 4, "skipped": []}, "unlabeled": {"position": 3 * 4, "skipped": []}}
+    resumed.train.load_state_dict(state)
+    for want in expected[3:]:
+        for got, w in zip(next(resumed.train), want):
+            assert torch.equal(got, w)
+
+
+def test_the_labeled_cache_skips_a_broken_jpeg_as_the_stream_does(tmp_path):
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=2)
+    cfg = dict(labels=0.5, batch_size=2, unlabeled="all", on_corrupt="skip")
+    labeled = build_data(config(root, **cfg), seed=0, device="cpu").split.labeled
+    broken = break_jpeg(load_image_folders(str(root)).train_files[int(labeled[1])])
+    plain = build_data(config(root, **cfg), seed=0, device="cpu")
+    cached = build_data(config(root, labeled_cache=True, **cfg), seed=0, device="cpu")
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        expected = [next(plain.train) for _ in range(6)]
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        got = [next(cached.train) for _ in range(6)]
+    for a, b in zip(got, expected):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert cached.train.state_dict()["labeled"]["skipped"] == plain.train.state_dict()["labeled"]["skipped"]
+
+
+def test_the_labeled_cache_needs_the_paper_crop(folders):
+    with pytest.raises(ValueError, match="data.augment=paper"):
+        config(folders, labeled_cache=True, augment="authors")

@@ -233,3 +233,13 @@ def test_a_float64_step_computes_its_losses_in_float64():
     logits = net_ref(x_l)
     by_hand = -(logits.log_softmax(1).gather(1, y_l[:, None])).mean()
     assert abs(stats["loss"].item() - by_hand.item()) < 1e-14
+
+
+def test_the_fp32_meta_window_covers_its_first_steps_only():
+    from mgssl.train.config import MethodConfig
+    from mgssl.train.step import method_at
+
+    method = MethodConfig(fp32_meta_steps=3)
+    assert [method_at(method, s).meta_precision for s in range(5)] == ["fp32"] * 3 + ["run"] * 2
+    assert method_at(method, 7) is method
+    assert method_at(MethodConfig(), 0).meta_precision == "run"

@@ -14,7 +14,9 @@ device (this measures the step, not the data pipeline):
 bf16/fp16, fd in fp32) picks the meta row that `pairs_per_s` and `ratio` report.
 
 The variants are interleaved round by round (the order rotates) so that a noisy, shared machine
-slows them alike; each reports the median over its steps. On the GPU each step is timed with CUDA
+slows them alike; each reports the median over its steps and its spread ((p90 - p10) / median). A
+result that cannot be true (a utilisation above 100%, a supervised step slower than a meta+mixup step)
+is refused with an error instead of printed. `--width` times the width a config trains (model.width). On the GPU each step is timed with CUDA
 events, on the CPU with perf_counter. After timing, the tool counts each step's FLOPs with
 torch.utils.flop_counter, and measures the fidelity of ∇ỹ at the chosen precision: the cosine of
 fd's and jvp's ∇ỹ to a float64 jvp reference on a small batch, the model in the meta part's mode.
@@ -109,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="as train.deterministic")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32, help="as train.tf32")
     p.add_argument("--image-size", type=int, default=None, help="override the image side (e.g. 224 for resnet18)")
+    p.add_argument("--width", type=float, default=None, help="channel multiplier, as model.width (convlarge): "
+                   "time the width the config trains")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak for model FLOP utilisation; default: the H100 datasheet on an "
@@ -220,7 +224,11 @@ def assumed_peak(args, device: torch.device) -> tuple[Optional[float], str]:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+    """Their cosine, or NaN where either is zero: a zero ∇ỹ measures nothing (torch would say 0)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if not (a.any() and b.any()):
+        return float("nan")
+    return F.cosine_similarity(a, b, dim=0).item()
 
 
 def fidelity(net: nn.Module, batch, precision: str, device: torch.device, meta_mode: str,
@@ -265,6 +273,25 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def spread(times: list[float]) -> float:
+    """(90th - 10th percentile) / median of one variant's step times: how much a busy machine moved them."""
+    if len(times) < 2:
+        return 0.0
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return (deciles[-1] - deciles[0]) / statistics.median(times)
+
+
+def impossible_figures(s: dict) -> list[str]:
+    """What in a summary cannot be true: a utilisation above 100%, or a supervised step slower than a
+    meta+mixup step, which does all of its work and more."""
+    problems = [f"{name} at {100 * mfu:.0f}% of the assumed peak ({s['peak_tflops_source']})"
+                for name, mfu in s["mfu"].items() if mfu > 1]
+    sup = s["median_ms"]["supervised"]
+    problems += [f"the supervised step ({sup:.1f} ms) slower than {name} ({ms:.1f} ms)"
+                 for name, ms in s["median_ms"].items() if name.startswith("meta") and ms < sup]
+    return problems
+
+
 def summary(args, device, times, flops, peak, peak_source, memory, fid) -> dict:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     sup, meta = median["supervised"], median[f"meta+mixup {args.estimator}"]
@@ -279,7 +306,8 @@ def summary(args, device, times, flops, peak, peak_source, memory, fid) -> dict:
         "meta_precision": args.meta_precision, "batch_size": args.batch_size,
         "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "fd_batched": args.fd_batched, "channels_last": args.channels_last,
         "image_size": args.image_size, "torch": torch.__version__, "commit": git_commit(length=12),
-        "median_ms": median,
+        "median_ms": median, "spread": {name: spread(ts) for name, ts in times.items()},
+        "width": args.width,
         "pairs_per_s": args.batch_size / (meta / 1e3),
         "steps_per_s": 1e3 / meta,
         "supervised_pairs_per_s": args.batch_size / (sup / 1e3),
@@ -303,13 +331,13 @@ def print_table(s: dict) -> None:
           f"channels_last={s['channels_last']}, commit {s['commit']}")
     print(f"estimator {s['estimator_setting']} -> {s['estimator']} (the row pairs_per_s and ratio report), "
           f"meta part in {'fp32' if s['meta_precision'] == 'fp32' else 'the run precision'}")
-    head = f"{'variant':<18}{'median ms':>11}{'pairs/s':>10}{'ratio':>7}{'GFLOP':>9}{'MFU':>8}"
+    head = f"{'variant':<18}{'median ms':>11}{'spread':>8}{'pairs/s':>10}{'ratio':>7}{'GFLOP':>9}{'MFU':>8}"
     print(head)
     sup = s["median_ms"]["supervised"]
     for name, ms in s["median_ms"].items():
         gflop = s["gflop_per_step"].get(name)
         mfu = s["mfu"].get(name)
-        print(f"{name:<18}{ms:>11.2f}{s['batch_size'] / ms * 1e3:>10.1f}{ms / sup:>7.2f}"
+        print(f"{name:<18}{ms:>11.2f}{100 * s['spread'][name]:>7.0f}%{s['batch_size'] / ms * 1e3:>10.1f}{ms / sup:>7.2f}"
               f"{'' if gflop is None else f'{gflop:9.1f}':>9}{'' if mfu is None else f'{100 * mfu:7.1f}%':>8}")
     print(f"peak {s['peak_tflops'] and round(s['peak_tflops'], 2)} TFLOP/s ({s['peak_tflops_source']}); "
           f"peak memory {s['peak_memory_mb']} MB ({s['peak_memory_kind']})")
@@ -332,7 +360,8 @@ def run_bench(argv=None) -> dict:
     flags = backends.apply(BackendFlags(cudnn_benchmark=args.cudnn_benchmark, deterministic=args.deterministic,
                                         tf32=args.tf32))  # the switches training sets, from the same keys
 
-    net = build_model(args.model, classes, channels, channels_last=args.channels_last).to(device).train()
+    net = build_model(args.model, classes, channels, channels_last=args.channels_last,
+                      width=args.width).to(device).train()
     optimizer = build_optimizer(net, OptimConfig(lr=0.01), device)  # the trainer's own SGD kernel choice
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     forwards = SeparateForwards(compiled(net, args.compile))
@@ -371,6 +400,11 @@ def run_bench(argv=None) -> dict:
 
     s = summary(args, device, times, flops, peak, peak_source, memory, fid)
     s["backend_flags"] = flags
+    problems = impossible_figures(s)
+    if problems:
+        raise SystemExit("error: refusing to report figures that cannot be true: " + "; ".join(problems)
+                         + ". The machine was busier during some variants than others: rerun with more --steps "
+                         "on a quieter machine (or give --peak-tflops)")
     print_table(s)
     if args.json:
         print(json.dumps(s))

@@ -2,6 +2,11 @@
 
     python -m mgssl.tools.bench_data                       # CPU, synthetic data of the real shapes
     python -m mgssl.tools.bench_data --device cuda --cifar-root /data/cifar10 --imagenet-root /data/imagenet
+    python -m mgssl.tools.bench_data --pipelines dali --imagenet-root /data/folders --boundaries 3
+
+With --boundaries N, the DALI streams run (alone) until the unlabeled stream has crossed N epoch
+boundaries (the labeled stream crosses many more), and the tool reports the steady images/s and the
+longest gap between two batches against the median gap; the goal is no gap over 3x the median.
 
 A step is one paired batch (x_l, y_l, x_u): 2 x batch images. "alone" only draws batches (and waits
 for them to be ready on the device); "with model" also runs a forward and backward pass of the
@@ -10,6 +15,7 @@ device is busy. Without a data root, the in-memory pipeline gets random 32x32 im
 pipeline a temporary folder of synthetic JPEGs at typical ImageNet size (500x375)."""
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -74,6 +80,49 @@ def measure(batches, steps: int, warmup: int, device: torch.device, net=None, op
             "images_per_step": images, "steps": steps}
 
 
+def measure_gaps(data, boundaries: int, warmup: int, step_ms: float = 0.0) -> dict:
+    """Per-batch gaps of the training batches until the unlabeled stream has crossed `boundaries` epoch
+    boundaries: the steady rate, the median and the longest gap, and where it fell. With `step_ms`, a
+    training step of that length (a sleep, as on a GPU the step leaves the CPU to the decoder) follows
+    each batch, so a gap is the step plus any wait for data."""
+    train = data.train
+    batch = None
+    start = time.perf_counter()
+    for _ in range(warmup):  # the first batch holds the pipelines' start
+        batch = next(train)
+    first = time.perf_counter() - start
+    per_step = 2 * len(batch[0])
+    steps = math.ceil((math.floor(train.unlabeled_epoch) + boundaries) * data.unlabeled_size
+                      / (data.world_size * len(batch[0]))) - warmup + 1
+    gaps, crossings = [], []
+    last = time.perf_counter()
+    for i in range(steps):
+        before = (math.floor(train.labeled.epoch), math.floor(train.unlabeled.epoch))
+        x_l, _, x_u = next(train)
+        float(x_l[0, 0, 0, 0] + x_u[0, 0, 0, 0])  # the batch exists, not just its promise
+        if step_ms:
+            time.sleep(step_ms / 1e3)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+        after = (math.floor(train.labeled.epoch), math.floor(train.unlabeled.epoch))
+        if after != before:
+            crossings.append(i)
+    median, longest = statistics.median(gaps), max(gaps)
+    worst = gaps.index(longest)
+    builds = getattr(train.labeled, "builds", None), getattr(train.unlabeled, "builds", None)
+    # A stall from a boundary shows in the batch that crosses it or the next two (the pipelines' queue).
+    at_boundary = max(gaps[j] for c in crossings for j in range(c, min(c + 3, len(gaps))))
+    return {"images_per_s": per_step * len(gaps) / sum(gaps), "median_gap_ms": 1e3 * median,
+            "max_gap_ms": 1e3 * longest, "max_over_median": longest / median, "worst_step": worst,
+            "worst_at_boundary": any(abs(worst - c) <= 2 for c in crossings), "steps": len(gaps),
+            "max_boundary_gap_ms": 1e3 * at_boundary, "boundary_over_median": at_boundary / median,
+            "first_batches_s": first, "warmup": warmup, "labeled_epochs": train.labeled.epoch,
+            "unlabeled_epochs": train.unlabeled.epoch, "boundaries_crossed": len(crossings),
+            "pipeline_builds": builds, "images_per_step": per_step,
+            "p99_gap_ms": 1e3 * sorted(gaps)[int(0.99 * (len(gaps) - 1))], "step_ms": step_ms}
+
+
 def build_memory(args, device):
     from mgssl.pipelines import DataConfig, build_data
     from mgssl.pipelines.memory import InMemoryData
@@ -98,7 +147,7 @@ def build_dali(args, device, workdir: Path):
         w, h = args.jpeg_size
         root = str(synthetic_jpeg_folders(workdir / "imagenet", args.jpeg_images, 10, (w, h)))
         what = f"synthetic {args.jpeg_images} JPEGs of {w}x{h} (quality 90)"
-    cfg = DataConfig(name="imagenet", root=root, labels=0.1, batch_size=args.batch_dali, augment=args.augment,
+    cfg = DataConfig(name="imagenet", root=root, labels=args.labels, batch_size=args.batch_dali, augment=args.augment,
                      image_size=args.image_size, resize_size=args.resize_size, workers=args.workers)
     return build_data(cfg, seed=0, device=device), what + f", augment={args.augment}, {args.workers} threads"
 
@@ -127,6 +176,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--resize-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--labels", type=float, default=0.1, help="labeled fraction of each class (DALI)")
+    p.add_argument("--boundaries", type=int, help="DALI: draw batches across this many unlabeled epoch "
+                                                  "boundaries and report the gaps between batches")
+    p.add_argument("--step-ms", type=float, default=0.0, help="with --boundaries: a simulated training step (a "
+                                                               "sleep) after each batch; 0: batches drawn alone")
     p.add_argument("--model-memory", default="convlarge", help="network consuming in-memory batches ('' = none)")
     p.add_argument("--model-dali", default="resnet18", help="network consuming DALI batches ('' = none)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -150,6 +204,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.pipelines:
             data, what = build_memory(args, device) if name == "memory" else build_dali(args, device, Path(tmp))
+            if args.boundaries and name == "dali":
+                r = measure_gaps(data, args.boundaries, args.warmup, args.step_ms)
+                r.update(pipeline=name, mode="gaps", data=what, device=str(device), batch=r["images_per_step"] // 2)
+                results.append(r)
+                print(f"{name:7s} {'alone' if not args.step_ms else f'with {args.step_ms:g} ms steps'}, gaps over {r['boundaries_crossed']} epoch boundaries ({r['labeled_epochs']:.1f} "
+                      f"labeled, {r['unlabeled_epochs']:.2f} unlabeled epochs, {r['steps']} steps): "
+                      f"{r['images_per_s']:.1f} images/s, median gap {r['median_gap_ms']:.1f} ms, p99 "
+                      f"{r['p99_gap_ms']:.1f} ms, longest {r['max_gap_ms']:.1f} ms = {r['max_over_median']:.2f}x "
+                      f"median (step {r['worst_step']}{', at a boundary' if r['worst_at_boundary'] else ''}), "
+                      f"longest at a boundary {r['max_boundary_gap_ms']:.1f} ms = {r['boundary_over_median']:.2f}x; "
+                      f"goal <= 3x: {'met' if r['max_over_median'] <= 3 else 'MISSED'}; "
+                      f"pipeline builds {r['pipeline_builds']}; {what}", flush=True)
+                continue
             model = args.model_memory if name == "memory" else args.model_dali
             runs = [("alone", None)] + ([(f"with {model}", model)] if model else [])
             for mode, model_name in runs:

@@ -34,6 +34,9 @@ class MethodConfig:
     # "run": the meta part in the run's precision (under bf16/fp16 jvp in it, fd's passes per
     # fd_full_precision); "fp32": all of it, g included, in fp32 without TF32 (docs/PERF.md "Fidelity")
     meta_precision: str = "run"
+    # the meta part in fp32 (as meta_precision=fp32) for the first this many steps only, while the network is
+    # near its initialisation, where bf16 misses the fidelity bound (docs/PERF.md "Fidelity"); 0: never
+    fp32_meta_steps: int = 0
     fd_midpoint: bool = False  # fd: take ỹ as (p(θ+εg) + p(θ-εg))/2, one forward fewer, O(ε²) off p(θ)
     meta_mode: str = "eval"  # the mode of the meta part: "eval" (the authors' code) or "train"
     meta_scale: str = "authors"  # ŷ = ỹ - lr·2·J·g ("authors") or ŷ = ỹ - β·∇ỹ of Eq. 5 ("literal")
@@ -42,12 +45,14 @@ class MethodConfig:
     consistency_rampup: int = 4000  # steps over which w grows linearly from 0
     mixup_gamma: float = 1.0  # λ ~ Beta(γ, γ)
     allreduce_grad: bool = True  # average g over ranks before ε is taken, so every rank moves θ alike
+    grad_reduce_dtype: str = "fp32"  # g's all-reduce in fp32, or in bf16 (half the bytes, g rounded to bf16)
 
     def __post_init__(self):
         _choice("method.estimator", self.estimator, ESTIMATORS)
         _choice("method.meta_mode", self.meta_mode, ("eval", "train"))
         _choice("method.meta_precision", self.meta_precision, ("run", "fp32"))
         _choice("method.meta_scale", self.meta_scale, ("authors", "literal"))
+        _choice("method.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
         if not self.unlabeled and (self.meta or self.mixup):
             raise ValueError("method.unlabeled=false is the labeled-only baseline: also set method.meta=false "
                              "and method.mixup=false")
@@ -55,6 +60,7 @@ class MethodConfig:
             raise ValueError("method.eps and method.mixup_gamma must be positive")
         _at_least("method.consistency_rampup", self.consistency_rampup, 0, "steps (0: full weight from the start)")
         _at_least("method.consistency_weight", self.consistency_weight, 0, "(0: no consistency term)")
+        _at_least("method.fp32_meta_steps", self.fp32_meta_steps, 0, "steps (0: no fp32 window)")
 
 
 @dataclass

@@ -5,6 +5,8 @@ import uuid
 from datetime import timedelta
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -132,10 +134,14 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def average_grads(grads: list[torch.Tensor], world_size: int) -> list[torch.Tensor]:
-    """All-reduce mean of a list of tensors as one flat buffer (one collective, not one per tensor)."""
+def average_grads(grads: list[torch.Tensor], world_size: int, dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+    """All-reduce mean of a list of tensors as one flat buffer (one collective, not one per tensor);
+    with `dtype` (bf16) the buffer travels in that type, half the bytes of fp32, and comes back in the
+    tensors' own type."""
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    wire = flat if dtype is None else flat.to(dtype)
+    dist.all_reduce(wire)
+    flat = wire.to(flat.dtype) if dtype is not None else wire
     flat /= world_size
     out, offset = [], 0
     for g in grads:

@@ -22,7 +22,7 @@ from mgssl.train.config import Config, OptimConfig, to_dict
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
-from mgssl.train.step import SeparateForwards, autocast_for, train_step
+from mgssl.train.step import SeparateForwards, autocast_for, method_at, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,7 +182,7 @@ def train_loop(t: Training, schedule: RunPlan, start: int, stop: rundir.StopSign
         for step in range(start, total):
             lr = learning_rate(step, cfg.optim, total, schedule.warmup_steps)
             weight = consistency_weight(step, cfg.method.consistency_weight, cfg.method.consistency_rampup)
-            t.window.add(one_step(t, lr, weight))
+            t.window.add(one_step(t, lr, weight, step))
             progress.update()
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
@@ -212,11 +212,21 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
     if d.enabled:
         # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
         forwards = nn.parallel.DistributedDataParallel(
-            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    reduce_grad = (lambda g: D.average_grads(g, d.world_size)) if (d.enabled and cfg.method.allreduce_grad) else None
+            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_options(cfg))
+    wire = torch.bfloat16 if cfg.method.grad_reduce_dtype == "bf16" else None
+    reduce_grad = ((lambda g: D.average_grads(g, d.world_size, wire)) if (d.enabled and cfg.method.allreduce_grad)
+                   else None)
     return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
                     checkpoint_path=run_dir / rf.CHECKPOINT, commit=git_commit(),
                     finite=torch.ones((), dtype=torch.bool, device=d.device))
+
+
+def ddp_options(cfg: Config) -> dict:
+    """DDP's switches. Gradients live in the all-reduce buckets (no copy in or out). Under SyncBatchNorm
+    every rank computes the same running statistics, so DDP's broadcast of rank 0's buffers before each
+    forward is redundant and is left out; without it, ranks' statistics differ and the meta part (eval
+    mode) reads them, so the broadcast stays."""
+    return {"gradient_as_bucket_view": True, "broadcast_buffers": not cfg.train.sync_bn}
 
 
 def restore(t: Training, state: dict) -> None:
@@ -248,15 +258,15 @@ def _restore(t: Training, state: dict) -> None:
         t.window.load_state_dict(state["log_window"], t.d.device)
 
 
-def one_step(t: Training, lr: float, weight: float) -> dict:
+def one_step(t: Training, lr: float, weight: float, step: int) -> dict:
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     batch = next(t.data.train)
     if t.cfg.model.channels_last:  # a no-op for the pipelines that already deliver NHWC memory
         batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in batch)
     cfg = t.cfg
-    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=cfg.method, num_classes=t.data.num_classes,
-                       lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
+    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=method_at(cfg.method, step),
+                       num_classes=t.data.num_classes, lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
                        reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
                        compile_meta=cfg.train.compile)
     if hasattr(t.data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs

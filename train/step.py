@@ -2,6 +2,7 @@
 labeled-only baseline. Algorithm 2 is meta + mixup.
 
 The step returns device tensors and never reads them back: the caller decides when to sync."""
+import dataclasses
 from contextlib import nullcontext
 from typing import Callable, Optional, Union
 
@@ -53,6 +54,13 @@ def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_
     else:
         scale = lr * 2.0 * lr / global_unlabeled_batch
     return (scale * method.meta_multiplier) * jg
+
+
+def method_at(method: MethodConfig, step: int) -> MethodConfig:
+    """The method of step `step`: within method.fp32_meta_steps, the meta part in fp32."""
+    if step < method.fp32_meta_steps and method.meta_precision != "fp32":
+        return dataclasses.replace(method, meta_precision="fp32")
+    return method
 
 
 def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, lr: float, autocast,
