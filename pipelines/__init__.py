@@ -1,13 +1,15 @@
 """Data on disk -> paired labeled/unlabeled batches on the training device.
 
 `pipelines` never imports `model` or `train`."""
+import dataclasses
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from mgssl.pipelines.config import DATASETS, DataConfig
-from mgssl.pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts
+from mgssl.pipelines.splits import LabelSplit, balanced_split, load_split, per_class_counts, validation_counts
 
 SPLIT_FILE = "labeled_split.json"
 
@@ -17,13 +19,49 @@ def resolve_split(cfg: DataConfig, labels, num_classes: int, seed: int) -> Label
     saved), else a new one drawn from the seed. Every rank computes the same split."""
     source = cfg.split_file
     if source is None:
-        return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name)
+        return balanced_split(labels, num_classes, cfg.labels, seed, cfg.name, cfg.validation)
     split = load_split(source, cfg.name, labels)
-    wanted = int(per_class_counts(np.asarray(labels, dtype=np.int64), num_classes, cfg.labels).sum())
+    labels = np.asarray(labels, dtype=np.int64)
+    held = int(validation_counts(labels, num_classes, cfg.validation).sum())
+    if len(split.validation) != held:
+        raise ValueError(f"{source} holds {len(split.validation)} validation images but data.validation="
+                         f"{cfg.validation} asks for {held}; set data.validation to match the file, or drop "
+                         "data.split_file to draw a new split")
+    rest = np.setdiff1d(np.arange(len(labels)), split.validation)
+    wanted = int(per_class_counts(labels[rest], num_classes, cfg.labels).sum())
     if len(split.labeled) != wanted:
         raise ValueError(f"{source} holds {len(split.labeled)} labeled images but data.labels={cfg.labels} asks for "
                          f"{wanted}; set data.labels to match the file, or drop data.split_file to draw a new split")
     return split
+
+
+# A labeled batch this many times the labeled set is refused: it repeats every image in every batch.
+BATCH_OVER_LABELED_LIMIT = 10
+
+
+def check_fit(cfg: DataConfig, split: LabelSplit, labels, num_classes: int, unlabeled_size: int,
+              warn: Callable[[str], None]) -> None:
+    """Before anything is built or written: refuse a batch or a split that cannot fit the data, and
+    warn, in one line each, about one that fits badly."""
+    labeled = len(split.labeled)
+    per_class = np.bincount(np.asarray(labels, dtype=np.int64)[split.labeled], minlength=num_classes)
+    if (per_class == 0).any():
+        raise ValueError(f"class {int(np.flatnonzero(per_class == 0)[0])} has no labeled image in the split; "
+                         f"ask for at least {num_classes} labels (data.labels) so that every class has one")
+    if unlabeled_size == 0:
+        raise ValueError("the unlabeled set is empty; lower data.labels, set data.unlabeled=all, or add "
+                         "data.unlabeled_root (folder data sets)")
+    batch = cfg.batch_size
+    if batch > BATCH_OVER_LABELED_LIMIT * labeled:
+        raise ValueError(f"data.batch_size={batch} is {batch / labeled:.0f} times the {labeled} labeled images, so "
+                         f"every batch repeats each of them; set data.batch_size to at most {labeled} (or label more "
+                         "images with data.labels)")
+    if batch > labeled:
+        warn(f"warning: data.batch_size={batch} exceeds the {labeled} labeled images, so each labeled batch "
+             f"repeats some of them; a batch of at most {labeled} does not")
+    if batch > unlabeled_size:
+        warn(f"warning: data.batch_size={batch} (also the unlabeled batch) exceeds the {unlabeled_size} unlabeled "
+             f"images, so each unlabeled batch repeats some of them")
 
 
 def check_global_batch(cfg: DataConfig, world_size: int) -> None:
@@ -36,21 +74,29 @@ def check_global_batch(cfg: DataConfig, world_size: int) -> None:
                          f"data.batch_size to a multiple of {world_size} (which changes the experiment)")
 
 
+def _say(rank: int) -> Callable[[str], None]:
+    return (lambda text: print(text, file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
+
+
 def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size: int = 1,
                run_dir: Optional[Path] = None):
-    """The data of one run on one rank; `run_dir` receives the log of corrupt files (the run saves
-    the split itself, once it starts).
+    """The data of one run on one rank; `run_dir` receives the logs of corrupt and skipped files (the
+    run saves the split itself, once it starts).
 
     The result has `.train` (endless (x_l, y_l, x_u) with state_dict/load_state_dict and
     unlabeled_epoch), `.eval_batches(subset)`, `.num_classes`, `.in_channels`, `.unlabeled_size`
     and `.split`, whichever pipeline serves the data set."""
     check_global_batch(cfg, world_size)
+    if cfg.name == "folder":
+        return _build_folder_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size, run_dir=run_dir)
     if cfg.name == "imagenet":
         from mgssl.pipelines.folders import load_image_folders
         from mgssl.pipelines.imagenet import ImageFolderData
 
         folders = load_image_folders(cfg.root, cfg.name)
         split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed)
+        check_fit(cfg, split, folders.train_labels, folders.num_classes,
+                  len(split.unlabeled(cfg.unlabeled == "all")), _say(rank))
         return ImageFolderData(folders, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                                eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
                                image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
@@ -71,16 +117,50 @@ def build_data(cfg: DataConfig, *, seed: int, device, rank: int = 0, world_size:
             raise
         raise DataMissingError(f"{e}. With network access, data.download=true fetches it into data.root.") from None
     split = _split_for_run(cfg, arrays.train_labels, arrays.num_classes, seed)
+    check_fit(cfg, split, arrays.train_labels, arrays.num_classes, len(split.unlabeled(cfg.unlabeled == "all")),
+              _say(rank))
     return InMemoryData(arrays, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
                         eval_batch=cfg.eval_batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
 
 
+def _build_folder_data(cfg: DataConfig, *, seed: int, device, rank: int, world_size: int,
+                       run_dir: Optional[Path]):
+    from mgssl.pipelines.class_folders import load_class_folders, skipped_summary, write_skipped
+    from mgssl.pipelines.imagenet import ImageFolderData
+
+    say = _say(rank)
+    folders = load_class_folders(cfg.root, cfg.unlabeled_root, cfg.test_share)
+    split = _split_for_run(cfg, folders.train_labels, folders.num_classes, seed)
+    root = Path(folders.root)
+    test_files = sorted(str(Path(f).relative_to(root)) for f in folders.test_files) if folders.held_out_test else []
+    saved = split.extra.get("held_out_test")
+    if saved is not None and saved != test_files:
+        raise ValueError(f"the held-out test images under {root} differ from those saved with the split "
+                         f"({cfg.split_file}): files were added or removed; start a new run in another --out folder")
+    split = dataclasses.replace(split, extra={"classes": folders.classes, "held_out_test": test_files})
+    only_extra = cfg.unlabeled == "unlabeled_root"
+    unlabeled = (0 if only_extra else len(split.unlabeled(cfg.unlabeled == "all"))) + len(folders.unlabeled_files)
+    check_fit(cfg, split, folders.train_labels, folders.num_classes, unlabeled, say)
+    if folders.skipped:
+        where = ""
+        if run_dir is not None and rank == 0:
+            where = f"; all of them are listed in {write_skipped(folders.skipped, run_dir)}"
+        say(f"warning: {skipped_summary(folders.skipped, folders.files_seen)}{where}")
+    return ImageFolderData(folders, split, include_labeled=cfg.unlabeled == "all", global_batch=cfg.batch_size,
+                           eval_batch=cfg.eval_batch_size, seed=seed, device=device, augment=cfg.augment,
+                           image_size=cfg.image_size, resize_size=cfg.resize_size, on_corrupt=cfg.on_corrupt,
+                           num_threads=cfg.workers, rank=rank, world_size=world_size, run_dir=run_dir,
+                           unlabeled_files=folders.unlabeled_files, only_unlabeled_files=only_extra)
+
+
 def _split_for_run(cfg: DataConfig, labels, num_classes: int, seed: int) -> LabelSplit:
     split = resolve_split(cfg, labels, num_classes, seed)
-    if cfg.unlabeled == "disjoint" and len(split.labeled) == split.train_size:
+    if cfg.unlabeled == "disjoint" and len(split.labeled) + len(split.validation) == split.train_size \
+            and not cfg.unlabeled_root:
         raise ValueError(f"data.labels={cfg.labels} labels all {split.train_size} training images, so the disjoint "
                          "unlabeled set is empty; ask for fewer labels, or set data.unlabeled=all")
     return split
 
 
-__all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "check_global_batch", "resolve_split", "SPLIT_FILE"]
+__all__ = ["DATASETS", "DataConfig", "LabelSplit", "build_data", "check_fit", "check_global_batch", "resolve_split",
+           "SPLIT_FILE"]

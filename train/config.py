@@ -85,6 +85,7 @@ class TrainConfig:
     log_every: int = 100  # steps between reads of the training statistics (a host-device sync)
     checkpoint_every: int = 2000  # steps between checkpoints (and one at the end)
     keep_last_evals: int = 10  # final.json's median_last_test_error is the median of this many last evaluations
+    ema: Optional[float] = None  # decay of an average of the weights kept beside them (e.g. 0.999); null: none
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
     compile: Union[bool, str] = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune (train/compiling.py)
     cudnn_benchmark: bool = True  # let cuDNN time and pick its convolution algorithms (off under deterministic)
@@ -104,6 +105,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"train.ema={self.ema}: give the decay of the weight average, between 0 and 1 "
+                             "(e.g. 0.999), or null for none")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"train.steps={self.steps}: a run needs at least 1 step")
         if self.epochs is not None and not self.epochs > 0:
