@@ -10,7 +10,7 @@ UNLABELED = ("disjoint", "all", "unlabeled_root")
 class DataConfig:
     name: str = "digits"  # one of DATASETS
     root: Optional[str] = None  # folder holding the data set files (not needed for digits)
-    labels: Union[int, float] = 50  # int: labeled images, equal per class; float < 1: fraction of each class
+    labels: Union[int, float] = 50  # int: labeled images, equal per class; float <= 1: fraction of each class
     # Training images held out (never trained on) to pick checkpoints/best.pt: a count, equal per class, or a
     # fraction < 1 of each class; 0: no validation set and no best.pt
     validation: Union[int, float] = 0
@@ -53,9 +53,10 @@ class DataConfig:
         if self.augment not in ("paper", "authors"):
             raise ValueError(f"data.augment={self.augment!r}: choose 'paper' or 'authors'")
         if isinstance(self.labels, bool) or not (
-            (isinstance(self.labels, int) and self.labels > 0) or (isinstance(self.labels, float) and 0 < self.labels < 1)
+            (isinstance(self.labels, int) and self.labels > 0) or (isinstance(self.labels, float) and 0 < self.labels <= 1)
         ):
-            raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class (e.g. 0.1)")
+            raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class (e.g. 0.1; "
+                             "1.0 labels every training image)")
         if self.on_corrupt not in ("skip", "error"):
             raise ValueError(f"data.on_corrupt={self.on_corrupt!r}: choose 'skip' or 'error'")
         if not 0 < self.image_size <= self.resize_size:
