@@ -198,3 +198,41 @@ def test_a_batch_larger_than_the_labeled_set_warns_and_a_class_without_labels_is
     with pytest.raises(ValueError, match="class 1 has no labeled image"):  # a split file of only class 0
         check_fit(DataConfig(name="folder", labels=6, batch_size=4), LabelSplit("folder", 24, 0, np.array([0, 1])),
                   labels, 3, 18, said.append)
+
+
+@pytest.mark.cuda
+def test_a_run_trained_on_a_gpu_predicts_there_as_on_the_cpu(tmp_path, capsys, own_images):
+    from mgssl.tools import predict
+
+    root, unlabeled = own_images
+    code, _, err = train(tmp_path, capsys, f"data.root={root}", f"data.unlabeled_root={unlabeled}", "train.device=cuda")
+    assert code == 0, err[-3000:]
+    rows = {device: predict.predict(tmp_path / "run", root, topk=3, device=device, warn=lambda text: None)
+            for device in ("cpu", "cuda")}
+    assert [r["file"] for r in rows["cpu"]] == [r["file"] for r in rows["cuda"]]
+    for a, b in zip(rows["cpu"], rows["cuda"]):
+        if "error" not in a:  # the GPU decoder may round a pixel differently: probabilities close, not equal
+            assert abs(a["prob_1"] - b["prob_1"]) < 0.05
+
+
+@pytest.mark.slow
+def test_a_folder_run_with_unlabeled_images_resumes_bit_identical_best_and_average(tmp_path, own_images):
+    from mgssl.train.config import load_config
+    from mgssl.train.engine import run
+
+    root, unlabeled = own_images
+    settings = (*TINY, f"data.root={root}", f"data.unlabeled_root={unlabeled}", "train.eval_every=1",
+                "train.checkpoint_every=3", "optim.schedule=step")  # its rates do not depend on the length
+
+    def config(steps):
+        return load_config("folder", (*settings, f"train.steps={steps}"))
+
+    run(config(6), tmp_path / "straight")
+    run(config(3), tmp_path / "stopped")
+    run(config(6), tmp_path / "stopped", resume=True)
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(tmp_path / r / "checkpoints" / name, weights_only=True) for r in ("straight", "stopped"))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["ema"]["averaged"]
+            for r in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

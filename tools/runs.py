@@ -17,12 +17,12 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 # Files that only a run folder holds: one with any of them but no final.json is an unfinished run.
 RUN_MARKERS = (CONFIG, METRICS, "runs.jsonl", CHECKPOINT.as_posix())
 
-# Config keys that do not change what a run learns (logging, paths, the evaluation batch), and the
-# seed: runs that differ only in these are repeats of one experiment.
+# Config keys that do not change what a run learns (logging, paths, the evaluation batch, the weight
+# average kept beside the weights), and the seed: runs that differ only in these are repeats of one experiment.
 NOT_THE_EXPERIMENT = ("seed", "data.root", "data.workers", "data.eval_batch_size", "data.split_file",
                       "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_last_evals",
                       "train.progress", "train.tensorboard", "train.device", "train.compile",
-                      "train.cudnn_benchmark", "train.deterministic", "train.tf32")
+                      "train.cudnn_benchmark", "train.deterministic", "train.tf32", "train.ema")
 # The switches that Table 4 varies, and the baseline switch.
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
 # The rows of an ablation study: the labeled-only baseline and Table 4's rows 1-4, each as the

@@ -297,7 +297,7 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
         payload = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(), "step": step,
                    "data": t.data.train.state_dict(), "rng": rngs, "evals": t.evals, "config": to_dict(t.cfg),
                    "git_commit": t.commit, "world_size": t.d.world_size, "log_window": t.window.state_dict(),
-                   "classes": list(t.data.classes)}
+                   "classes": class_names(t.data)}
         if t.ema is not None:
             payload["ema"] = t.ema.state_dict()
         if t.scaler is not None:
@@ -314,6 +314,11 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
     if D.any_rank(error is not None, t.d):  # every rank stops together, not just the one that failed
         raise error if error is not None else ckpt.CheckpointError(
             f"rank 0 could not write {t.checkpoint_path}; see its message")
+
+
+def class_names(data) -> list[str]:
+    """The data set's class names (folder names for image folders), else the class numbers."""
+    return list(getattr(data, "classes", None) or [str(c) for c in range(data.num_classes)])
 
 
 def _errors(t: Training, net: nn.Module, subset: str, autocast) -> dict:
@@ -355,7 +360,7 @@ def save_best(t: Training, result: dict) -> None:
     error: Optional[Exception] = None
     if t.d.is_main:
         payload = {"model": t.net.state_dict(), "step": result["step"], "config": to_dict(t.cfg),
-                   "classes": list(t.data.classes), "val_error": result["val_error"],
+                   "classes": class_names(t.data), "val_error": result["val_error"],
                    "test_error": result["top1_error"], "git_commit": t.commit}
         try:
             ckpt.save_atomic(payload, t.best_checkpoint_path)
@@ -379,7 +384,7 @@ def summarize(t: Training, schedule: RunPlan) -> dict:
             "unlabeled": cfg.method.unlabeled, "estimator": rundir.run_estimator(cfg), "git_commit": t.commit,
             "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
             "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
-            "weights_sha256_per_rank": fingerprints, "classes": list(data.classes),
+            "weights_sha256_per_rank": fingerprints, "classes": class_names(data),
             **kept_model_summary(t.evals, t.ema is not None)}
 
 
