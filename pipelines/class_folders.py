@@ -45,13 +45,13 @@ class ClassFolders(FileDataset):
         return len(self.train_files) + len(self.test_files) + len(self.unlabeled_files) + len(self.skipped)
 
 
-def _usable(path: Path) -> Optional[str]:
+def why_unusable(path: Path) -> Optional[str]:
     """Why `path` cannot be used, or None if it can: its suffix, then its header, are checked (the
     pixels are decoded only during training, where a file that fails is skipped by name)."""
     from PIL import Image, UnidentifiedImageError
 
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return f"not one of the formats read ({', '.join(s[1:] for s in IMAGE_SUFFIXES)}); convert it to png or jpg"
+        return f"{path.suffix.lower() or 'no suffix'}: not a format read; convert it to png or jpg"
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018  (the header is parsed by open)
@@ -64,7 +64,7 @@ def list_images(folder: Path, skipped: list[Skipped]) -> list[str]:
     """The usable images below `folder` (recursively), sorted; the rest go to `skipped`."""
     images = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        reason = _usable(path)
+        reason = why_unusable(path)
         if reason is None:
             images.append(str(path))
         else:

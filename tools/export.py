@@ -28,14 +28,14 @@ def sample_inputs(model, count: int = 4):
     when the data is not at hand; with a note of which."""
     import torch
 
-    from mgssl.pipelines.class_folders import IMAGE_SUFFIXES
+    from mgssl.pipelines.class_folders import why_unusable
     from mgssl.tools.inference import image_batches
 
     root = Path(model.cfg.data.root or "")
     files = []
     if model.cfg.data.root and root.is_dir():
         for path in sorted(root.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            if path.is_file() and why_unusable(path) is None:
                 files.append(str(path))
                 if len(files) == count:
                     break

@@ -12,14 +12,14 @@ from pathlib import Path
 
 def list_inputs(target: Path) -> tuple[list[str], list]:
     """(image files, skipped files with reasons) of a file or of a folder searched recursively."""
-    from mgssl.pipelines.class_folders import Skipped, _usable, list_images
+    from mgssl.pipelines.class_folders import Skipped, why_unusable, list_images
 
     if target.is_dir():
         skipped: list = []
         return list_images(target, skipped), skipped
     if not target.is_file():
         raise FileNotFoundError(f"{target} does not exist; pass an image file or a folder of images")
-    reason = _usable(target)
+    reason = why_unusable(target)
     return ([str(target)], []) if reason is None else ([], [Skipped(str(target), reason)])
 
 
