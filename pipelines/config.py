@@ -22,7 +22,7 @@ class DataConfig:
     test_share: float = 0.1  # folder without val/ or test/: the share of each class held out as the test set
     batch_size: int = 32  # GLOBAL labeled batch, summed over GPUs; the unlabeled batch is the same size
     eval_batch_size: int = 500  # global
-    augment: str = "paper"  # ImageNet crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
+    augment: str = "paper"  # ImageNet and folder crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
     on_corrupt: str = "skip"  # ImageNet and folder files that fail to decode: "skip" warns with the file's name, notes it in
     # corrupt_files.txt in the run folder and uses the next image instead; "error" stops, naming the file
     workers: int = 4  # CPU threads for decoding (ImageNet and folder)
