@@ -22,12 +22,14 @@ class DataConfig:
     test_share: float = 0.1  # folder without val/ or test/: the share of each class held out as the test set
     batch_size: int = 32  # GLOBAL labeled batch, summed over GPUs; the unlabeled batch is the same size
     eval_batch_size: int = 500  # global
-    augment: str = "paper"  # ImageNet and folder crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
-    on_corrupt: str = "skip"  # ImageNet and folder files that fail to decode: "skip" warns with the file's name, notes it in
+    # ImageNet and folder crops: "paper" (resize 256 + random 224) or "authors" (random area 0.1-1)
+    augment: str = "paper"
+    # ImageNet and folder files that fail to decode: "skip" warns with the file's name, notes it in
     # corrupt_files.txt in the run folder and uses the next image instead; "error" stops, naming the file
+    on_corrupt: str = "skip"
     workers: int = 4  # CPU threads for decoding (ImageNet and folder)
     image_size: int = 224  # ImageNet and folder: crop side
-    resize_size: int = 256  # ImageNet and folder: shortest edge before the crop ("paper" training and all evaluation)
+    resize_size: int = 256  # ImageNet and folder: shortest edge before the crop ("paper" training, all evaluation)
     download: bool = False  # CIFAR/SVHN: fetch the files into data.root when missing (never by default)
 
     def __post_init__(self):
@@ -53,7 +55,8 @@ class DataConfig:
         if self.augment not in ("paper", "authors"):
             raise ValueError(f"data.augment={self.augment!r}: choose 'paper' or 'authors'")
         if isinstance(self.labels, bool) or not (
-            (isinstance(self.labels, int) and self.labels > 0) or (isinstance(self.labels, float) and 0 < self.labels <= 1)
+            (isinstance(self.labels, int) and self.labels > 0)
+            or (isinstance(self.labels, float) and 0 < self.labels <= 1)
         ):
             raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class (e.g. 0.1; "
                              "1.0 labels every training image)")

@@ -48,7 +48,8 @@ def predict(run_dir, target, *, checkpoint: str = "", topk: int = 1, device: str
                 for rank, (value, index) in enumerate(zip(p, i), start=1):
                     row[f"class_{rank}"], row[f"prob_{rank}"] = model.classes[index], round(value, 6)
                 rows[name] = row
-    failed = [(s.path, s.reason) for s in skipped] + [(f, "the image decoder cannot decode it") for f in sorted(undecodable)]
+    failed = [(s.path, s.reason) for s in skipped]
+    failed += [(f, "the image decoder cannot decode it") for f in sorted(undecodable)]
     for path, reason in failed:
         warn(f"warning: {path}: {reason}; no prediction")
     order = {f: i for i, f in enumerate(files)}
