@@ -58,8 +58,8 @@ class DataConfig:
             (isinstance(self.labels, int) and self.labels > 0)
             or (isinstance(self.labels, float) and 0 < self.labels <= 1)
         ):
-            raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class (e.g. 0.1; "
-                             "1.0 labels every training image)")
+            raise ValueError(f"data.labels={self.labels!r}: give a count (e.g. 4000) or a fraction per class "
+                             "(e.g. 0.1; 1.0 labels every training image)")
         if self.on_corrupt not in ("skip", "error"):
             raise ValueError(f"data.on_corrupt={self.on_corrupt!r}: choose 'skip' or 'error'")
         if not 0 < self.image_size <= self.resize_size:
