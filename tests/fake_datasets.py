@@ -131,3 +131,15 @@ def write_unlabeled_folder(root: Path, count: int = 6, seed: int = 1) -> Path:
         pixels = class_images(np.array([i % 3]), (24 + i, 30), rng, 3)[0]
         Image.fromarray(pixels).convert(mode).save(folder / f"u{i}.{suffix}")
     return root
+
+
+def damage_png(path: Path, size: tuple[int, int] = (20, 30)) -> Path:
+    """A PNG whose header is intact (it opens) and whose compressed pixels are not (it does not decode)."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((*size, 3), dtype=np.uint8)).save(path)
+    data = bytearray(Path(path).read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 8] = b"\xff" * 8
+    Path(path).write_bytes(bytes(data))
+    return Path(path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fake_datasets import break_jpeg, write_class_folders, write_unlabeled_folder
+from fake_datasets import break_jpeg, damage_png, write_class_folders, write_unlabeled_folder
 from mgssl.pipelines import DataConfig, LabelSplit, build_data, check_fit
 from mgssl.pipelines.class_folders import SKIPPED_LOG, load_class_folders
 from mgssl.pipelines.splits import balanced_split
@@ -67,17 +67,24 @@ def test_train_predict_and_export_a_folder_of_ones_own_images(tmp_path, capsys, 
     split = json.loads((run / "labeled_split.json").read_text())
     assert split["classes"] == ["cat", "dog", "fox"] and len(split["held_out_test"]) == 3 and split["validation"]
 
-    # Predict: a folder holding images of every format and a broken file; the broken one gets a row.
+    # Predict: a folder of images of every format with broken files (one that opens but does not
+    # decode among them); each broken one gets a row with the reason and a line on stderr.
+    damage_png(root / "cat" / "damaged.png")
     preds = tmp_path / "preds.csv"
     code, _, err = command(predict.main, [run, root, "--topk", 2, "--out", preds], capsys)
     assert code == 0, err[-3000:]
     rows = list(csv.DictReader(preds.open()))
     good = [r for r in rows if not r["error"]]
     assert len(good) == 23 and {r["class_1"] for r in good} <= {"cat", "dog", "fox"}
-    assert all(abs(float(r["prob_1"]) + float(r["prob_2"])) <= 1 + 1e-5 and float(r["prob_1"]) >= float(r["prob_2"])
+    assert all(float(r["prob_1"]) + float(r["prob_2"]) <= 1 + 1e-5 and float(r["prob_1"]) >= float(r["prob_2"])
                for r in good)
-    assert {r["file"].rsplit("/", 1)[-1] for r in rows if r["error"]} == {"notes.txt", "empty.png", "img7.jpg"}
-    assert "img7.jpg" in err
+    broken = {"notes.txt", "empty.png", "img7.jpg", "damaged.png"}
+    assert {r["file"].rsplit("/", 1)[-1] for r in rows if r["error"]} == broken
+    assert all(name in err for name in broken)
+    # The other weights predict too: the last checkpoint, and the weight average.
+    for which in ("last", "ema"):
+        code, out, err = command(predict.main, [run, root, "--checkpoint", which, "--out", preds], capsys)
+        assert code == 0 and "23 images predicted" in out, err[-3000:]
 
     # Export to each format; the command checks the outputs against the checkpoint before success.
     formats = ["torchscript", "onnx", "safetensors"]

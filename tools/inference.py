@@ -72,9 +72,9 @@ def _state_of(run_dir: Path, which: str) -> tuple[Path, dict, dict]:
     return path, state, {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
 
 
-def load_model(run_dir, which: str = "best", device: str = "cpu", need_images: bool = True) -> LoadedModel:
-    """The network of `run_dir` with the weights `which`; `need_images` refuses runs of in-memory data
-    sets (their inputs are arrays, not image files)."""
+def load_model(run_dir, which: str = "best", device: str = "cpu") -> LoadedModel:
+    """The network of `run_dir` with the weights `which`; runs of the in-memory data sets are refused
+    (their inputs are arrays, not image files, and their normalisation is not saved)."""
     import torch
 
     from mgssl.pipelines.dali import MEAN, STD
@@ -91,7 +91,7 @@ def load_model(run_dir, which: str = "best", device: str = "cpu", need_images: b
     except (KeyError, ValueError) as e:
         raise ValueError(f"the config saved in {path} does not load with this version of the code ({e}); use the "
                          f"version that trained it (git commit {state.get('git_commit', 'unknown')})") from None
-    if need_images and cfg.data.name not in IMAGE_DATASETS:
+    if cfg.data.name not in IMAGE_DATASETS:
         raise ValueError(f"{run_dir} trained on {cfg.data.name}, held in memory as arrays; predicting and exporting "
                          f"work on runs of image files (data.name={' or '.join(IMAGE_DATASETS)})")
     in_channels = next(v.shape[1] for v in weights.values() if v.dim() == 4)  # the first convolution's input
