@@ -18,9 +18,12 @@ SPLIT = "labeled_split.json"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 CHECKPOINT = f"{CHECKPOINTS}/{LAST}"
+BEST = "best.pt"  # the weights of the evaluation with the lowest validation error (with data.validation)
+BEST_CHECKPOINT = f"{CHECKPOINTS}/{BEST}"
 TENSORBOARD = "tensorboard"
 CORRUPT = "corrupt_files.txt"
 LOCK = "run.lock"
+SKIPPED = "skipped_files.txt"  # folder data sets: files not read, rewritten at each start (not a run file)
 # Everything a run writes into its folder: a fresh start refuses a folder that holds any of them.
 RUN_FILES = (FINAL, METRICS, CONFIG, RUNS, SPLIT, CHECKPOINTS, TENSORBOARD, CORRUPT)
 # Files that only a run folder holds: one with any of them but no final.json is an unfinished run.

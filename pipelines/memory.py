@@ -95,6 +95,7 @@ class InMemoryData:
         std = torch.tensor(arrays.train_images.reshape(-1, arrays.train_images.shape[-1]).std(0) / 255.0,
                            dtype=torch.float32)
         self.name, self.num_classes = arrays.name, arrays.num_classes
+        self.classes = [str(c) for c in range(arrays.num_classes)]  # these data sets name classes by number
         self.in_channels, self.image_size = arrays.train_images.shape[-1], arrays.train_images.shape[1]
         self.split = split
         self.rank, self.world_size = rank, world_size
@@ -115,7 +116,9 @@ class InMemoryData:
             return self.train_set, torch.from_numpy(self.split.labeled)
         if subset == "unlabeled":
             return self.train_set, torch.from_numpy(self.split.unlabeled(include_labeled=False))
-        raise ValueError(f"unknown subset {subset!r}; choose test, labeled or unlabeled")
+        if subset == "validation":
+            return self.train_set, torch.from_numpy(self.split.validation)
+        raise ValueError(f"unknown subset {subset!r}; choose test, validation, labeled or unlabeled")
 
     def eval_batches(self, subset: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of `subset`, un-augmented, in order: (x, y) batches on the device."""

@@ -5,13 +5,17 @@ A split is a JSON file holding the indices of the labeled training images plus w
 split made for one data set cannot be applied to another, nor to one whose classes were renamed."""
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from mgssl.runfolder import RunFileError, read_json, write_atomic
+
+
+# What a split file holds besides the data set's own `extra` entries (e.g. a folder's held-out test files).
+KNOWN_KEYS = ("dataset", "train_size", "seed", "classes", "train_sha256", "num_labeled", "labeled", "validation")
 
 
 @dataclass(frozen=True)
@@ -22,13 +26,17 @@ class LabelSplit:
     labeled: np.ndarray  # sorted indices into the training set, int64
     classes: Optional[tuple] = None  # class names, index = label (folder data sets)
     train_sha256: Optional[str] = None  # train_set_sha256 of the set the indices point into
+    # sorted indices of the held-out validation images: neither labeled nor unlabeled training data
+    validation: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    extra: dict = field(default_factory=dict)  # what else the data set records with its split (JSON values)
 
     def unlabeled(self, include_labeled: bool) -> np.ndarray:
-        """Indices of the unlabeled set: everything, or everything but the labeled images."""
-        if include_labeled:
-            return np.arange(self.train_size, dtype=np.int64)
+        """Indices of the unlabeled set: everything, or everything but the labeled images (never the
+        validation images)."""
         mask = np.ones(self.train_size, dtype=bool)
-        mask[self.labeled] = False
+        mask[self.validation] = False
+        if not include_labeled:
+            mask[self.labeled] = False
         return np.flatnonzero(mask).astype(np.int64)
 
     def to_json(self) -> str:
@@ -36,6 +44,9 @@ class LabelSplit:
                    "classes": None if self.classes is None else list(self.classes),
                    "train_sha256": self.train_sha256, "num_labeled": len(self.labeled),
                    "labeled": self.labeled.tolist()}
+        if len(self.validation):
+            payload["validation"] = self.validation.tolist()
+        payload.update(self.extra)
         return json.dumps(payload)
 
     def save(self, path: Union[str, Path]) -> None:
@@ -87,20 +98,51 @@ def per_class_counts(labels: np.ndarray, num_classes: int, request: Union[int, f
     return counts
 
 
-def balanced_split(labels: np.ndarray, num_classes: int, request: Union[int, float], seed: int,
-                   dataset: str, classes: Optional[Sequence[str]] = None, train_sha256: Optional[str] = None
-                   ) -> LabelSplit:
-    """The same number of labeled images per class (or the same fraction), drawn with `seed`."""
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = per_class_counts(labels, num_classes, request)
-    rng = np.random.default_rng(seed)
+def _draw_per_class(labels: np.ndarray, num_classes: int, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     by_class = np.argsort(labels, kind="stable")  # indices grouped by class, ascending within each
     sizes = np.bincount(labels, minlength=num_classes)
     ends = np.cumsum(sizes)
     chosen = [rng.choice(by_class[end - n:end], size=counts[c], replace=False)
               for c, (end, n) in enumerate(zip(ends, sizes))]
-    return LabelSplit(dataset, len(labels), seed, np.sort(np.concatenate(chosen)).astype(np.int64),
-                      None if classes is None else tuple(classes), train_sha256)
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def validation_counts(labels: np.ndarray, num_classes: int, request: Union[int, float]) -> np.ndarray:
+    """Held-out validation images per class; every class keeps at least one image to label."""
+    if not request:
+        return np.zeros(num_classes, dtype=np.int64)
+    available = np.bincount(labels, minlength=num_classes)
+    if isinstance(request, float):
+        counts = np.maximum(1, np.round(available * request)).astype(np.int64)
+    else:
+        if request % num_classes:
+            raise ValueError(f"data.validation={request} cannot be split evenly over {num_classes} classes; "
+                             f"use a multiple of {num_classes}, or a fraction of each class (e.g. 0.1)")
+        counts = np.full(num_classes, request // num_classes, dtype=np.int64)
+    short = np.flatnonzero(counts >= available)
+    if len(short):
+        c = short[0]
+        raise ValueError(f"data.validation holds out {counts[c]} images of class {c}, which has only {available[c]} "
+                         f"training images and needs at least one more to label; lower data.validation or add images")
+    return counts
+
+
+def balanced_split(labels: np.ndarray, num_classes: int, request: Union[int, float], seed: int,
+                   dataset: str, classes: Optional[Sequence[str]] = None, train_sha256: Optional[str] = None,
+                   validation: Union[int, float] = 0) -> LabelSplit:
+    """The same number of labeled images per class (or the same fraction), drawn with `seed`, from the
+    images left after the validation images (`validation` per class, drawn first) are set aside."""
+    labels = np.asarray(labels, dtype=np.int64)
+    held = np.zeros(0, dtype=np.int64)
+    if validation:
+        # Its own generator: with no validation set the labeled draw is the one it always was.
+        held = _draw_per_class(labels, num_classes, validation_counts(labels, num_classes, validation),
+                               np.random.default_rng([seed, 1]))
+    rest = np.setdiff1d(np.arange(len(labels)), held)
+    counts = per_class_counts(labels[rest], num_classes, request)
+    chosen = rest[_draw_per_class(labels[rest], num_classes, counts, np.random.default_rng(seed))]
+    return LabelSplit(dataset, len(labels), seed, np.sort(chosen).astype(np.int64),
+                      None if classes is None else tuple(classes), train_sha256, held)
 
 
 def load_split(path: Union[str, Path], dataset: str, labels: np.ndarray, classes: Optional[Sequence[str]] = None,
@@ -120,14 +162,20 @@ def load_split(path: Union[str, Path], dataset: str, labels: np.ndarray, classes
     indices = payload.get("labeled")
     if not isinstance(indices, list) or not indices or not all(type(i) is int for i in indices):
         raise ValueError(f"{path} is damaged (its 'labeled' entry is not a non-empty list of whole numbers); {fix}")
-    labeled = np.asarray(indices, dtype=np.int64)
-    if len(np.unique(labeled)) != len(labeled) or labeled.min() < 0 or labeled.max() >= len(labels):
+    held_out = payload.get("validation", [])
+    if not isinstance(held_out, list) or not all(type(i) is int for i in held_out):
+        raise ValueError(f"{path} is damaged (its 'validation' entry is not a list of whole numbers); {fix}")
+    labeled, held = np.asarray(indices, dtype=np.int64), np.asarray(held_out, dtype=np.int64)
+    both = np.concatenate([labeled, held])
+    if len(np.unique(both)) != len(both) or both.min() < 0 or both.max() >= len(labels):
         raise ValueError(f"{path} holds repeated or out-of-range indices; it is damaged")
+    extra = {k: v for k, v in payload.items() if k not in KNOWN_KEYS}
     saved_classes = payload.get("classes")
     split = LabelSplit(dataset, len(labels), int(payload.get("seed", -1)), np.sort(labeled),
-                       None if saved_classes is None else tuple(saved_classes), payload.get("train_sha256"))
+                       None if saved_classes is None else tuple(saved_classes), payload.get("train_sha256"),
+                       np.sort(held), extra)
     split.check_same_train_set(classes, train_sha256, str(path))
     if split.classes is None and split.train_sha256 is None:  # a split saved before these were kept
         split = LabelSplit(dataset, len(labels), split.seed, split.labeled, None if classes is None else
-                           tuple(classes), train_sha256)
+                           tuple(classes), train_sha256, split.validation, extra)
     return split

@@ -92,3 +92,54 @@ def break_jpeg(path: Path) -> Path:
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[:20] + b"\x00garbage, not JPEG entropy-coded data" * 4)
     return Path(path)
+
+
+# (suffix, Pillow mode) pairs a folder of one's own may mix: every format read, in several colour modes.
+MIXED_FORMATS = (("jpg", "RGB"), ("png", "RGBA"), ("webp", "RGB"), ("bmp", "L"), ("tif", "CMYK"), ("jpeg", "L"),
+                 ("png", "P"), ("tiff", "RGB"), ("webp", "RGBA"), ("jpg", "CMYK"))
+
+
+def write_class_folders(root: Path, classes: tuple = ("cat", "dog", "fox"), per_class: int = 8,
+                        size_range: tuple[int, int] = (20, 40), seed: int = 0) -> Path:
+    """`root/<class>/img<i>.<ext>`: images of varied sizes cycling through MIXED_FORMATS, each class
+    a colour of its own (class c's mean grey level grows with c)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            suffix, mode = MIXED_FORMATS[(i + c) % len(MIXED_FORMATS)]
+            h, w = rng.integers(size_range[0], size_range[1] + 1, size=2)
+            pixels = class_images(np.array([c]), (int(h), int(w)), rng, len(classes))[0]
+            Image.fromarray(pixels).convert(mode).save(folder / f"img{i}.{suffix}")
+    return root
+
+
+def write_unlabeled_folder(root: Path, count: int = 6, seed: int = 1) -> Path:
+    """Images without labels in nested folders of any depth, in mixed formats."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for i in range(count):
+        folder = root / ("a" if i % 2 else "b/c")
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix, mode = MIXED_FORMATS[i % len(MIXED_FORMATS)]
+        pixels = class_images(np.array([i % 3]), (24 + i, 30), rng, 3)[0]
+        Image.fromarray(pixels).convert(mode).save(folder / f"u{i}.{suffix}")
+    return root
+
+
+def damage_png(path: Path, size: tuple[int, int] = (20, 30)) -> Path:
+    """A PNG whose header is intact (it opens) and whose compressed pixels are not (it does not decode)."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((*size, 3), dtype=np.uint8)).save(path)
+    data = bytearray(Path(path).read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 8] = b"\xff" * 8
+    Path(path).write_bytes(bytes(data))
+    return Path(path)

@@ -12,7 +12,8 @@ from mgssl.train.engine import plan
 
 # What each data set gives the network: (classes, input channels, training images).
 DATASET_SHAPES = {"digits": (10, 1, 1262), "svhn": (10, 3, 73257), "cifar10": (10, 3, 50000),
-                  "cifar100": (100, 3, 50000), "imagenet": (1000, 3, 1281167)}
+                  "cifar100": (100, 3, 50000), "imagenet": (1000, 3, 1281167),
+                  "folder": (5, 3, 60)}  # a folder of your own: any class and image count
 
 EXPERIMENTS = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.glob("*.yaml"))
 TABLE4_ROWS = {

@@ -359,3 +359,18 @@ def test_the_report_says_where_each_row_passes_labeled_only(report):
                 assert all(curve[s] < base[s] for s in base if s >= o.below_from and s in curve)
     text = report.path.read_text()
     assert "Where each row passes labeled-only" in section(text, "## Ablation")
+
+
+def test_best_pt_and_weight_average_errors_get_columns_of_their_own(tmp_path):
+    _hand_written_run(tmp_path / "runs" / "plain", False, (0.30, 0.20, 0.10))
+    _hand_written_run(tmp_path / "runs" / "kept", True, (0.25, 0.15, 0.05))
+    final = json.loads((tmp_path / "runs" / "kept" / "final.json").read_text())
+    final.update(best_val_test_error=0.22, ema_test_error=0.21)
+    (tmp_path / "runs" / "kept" / "final.json").write_text(json.dumps(final))
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    table = markdown_tables(section(text, "## Runs"))[0]
+    rows = {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    assert rows["kept"]["Test error of best.pt"] == "22.00" and rows["kept"]["Weight-average test error"] == "21.00"
+    assert rows["plain"]["Test error of best.pt"] == "–" and rows["kept"]["Best test error"] == "5.00"
+    assert "lowest error on the validation images" in section(text, "## Runs")

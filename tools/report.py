@@ -27,7 +27,12 @@ from mgssl.tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionEr
 METRICS = {"test_error": ("Final test error", "final test error, the last evaluation"),
            "best_test_error": ("Best test error", "best test error over the evaluations"),
            "median_last_test_error": ("Median last test error",
-                                      "median test error of the last train.keep_last_evals evaluations")}
+                                      "median test error of the last train.keep_last_evals evaluations"),
+           "best_val_test_error": ("Test error of best.pt",
+                                   "test error of checkpoints/best.pt, the evaluation of lowest validation error"),
+           "ema_test_error": ("Weight-average test error", "final test error of the weight average (train.ema)")}
+# Columns of the runs table shown only when some run has them (data.validation, train.ema).
+KEPT_MODEL_COLUMNS = ("best_val_test_error", "ema_test_error")
 DEFAULT_METRIC = "test_error"
 # Table 4's rows in the paper's order: (unlabeled, meta, mixup); the labeled-only baseline first.
 ABLATION_ROWS = tuple(TABLE4_VARIANTS.values())
@@ -383,15 +388,23 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
            "Where runs repeat one experiment with different seeds, a cell reads mean ± sample standard "
            "deviation over the seeds.", "", "## Runs", ""]
     has_top5 = any("test_top5_error" in r.final for r in runs)
+    kept = [key for key in KEPT_MODEL_COLUMNS if any(key in r.final for r in runs)]
     header = ["Run", "Data", "Model", "Labels", "Method", "Seed", "Steps", "Final test error", "Best test error"]
     header += ["Test top-5 error"] if has_top5 else []
+    header += [METRICS[key][0] for key in kept]
     rows = []
     for r in runs:
         row = [r.name, r.get("dataset", "?"), r.get("model", "?"), r.final.get("num_labels", "?"), r.method,
                r.get("seed", "?"), r.final.get("steps", "?"), _pct(r.final.get("test_error")),
                _pct(r.final.get("best_test_error"))]
-        rows.append(row + ([_pct(r.final.get("test_top5_error"))] if has_top5 else []))
+        row += [_pct(r.final.get("test_top5_error"))] if has_top5 else []
+        rows.append(row + [_pct(r.final.get(key)) for key in kept])
     md += [_md_table(header, rows), ""]
+    md += ["Best test error is the lowest over the evaluations, picked on the test set itself, so it flatters the "
+           "run." + (" Test error of best.pt is that of the evaluation with the lowest error on the validation "
+                     "images (data.validation), the number to report." if "best_val_test_error" in kept else "")
+           + (" Weight-average test error is the last evaluation of the average of the weights (train.ema)."
+              if "ema_test_error" in kept else ""), ""]
     if skipped:
         md += ["Skipped, not finished (no final.json): " + ", ".join(f"`{p}`" for p in skipped), ""]
 

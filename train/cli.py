@@ -117,7 +117,13 @@ def main(argv=None) -> int:
         return 130
     if _rank_and_world()[0] == "0":
         err = summary.get("test_error")
-        print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f})")
+        kept = ""
+        if "best_val_test_error" in summary:
+            kept = (f"; best.pt (lowest validation error, step {summary['best_val_step']}) "
+                    f"{summary['best_val_test_error']:.4f}")
+        if "ema_test_error" in summary:
+            kept += f"; weight average {summary['ema_test_error']:.4f}"
+        print(f"done: {out}/final.json  test error {err:.4f} (best {summary['best_test_error']:.4f}{kept})")
     return 0
 
 

@@ -105,6 +105,8 @@ class TrainConfig:
     checkpoint_every: int = field(default=2000, metadata=rf.HOW_RUN)  # steps between checkpoints (and one at the end)
     # final.json's median_last_test_error is the median of this many last evaluations
     keep_last_evals: int = field(default=10, metadata=rf.HOW_RUN)
+    # decay of an average of the weights kept beside them (e.g. 0.999); null: none
+    ema: Optional[float] = field(default=None, metadata=rf.NOT_EXPERIMENT)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
     # off | default | reduce-overhead (CUDA graphs) | max-autotune (train/compiling.py)
     compile: Union[bool, str] = field(default="off", metadata=rf.HOW_RUN)
@@ -128,6 +130,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"train.ema={self.ema}: give the decay of the weight average, between 0 and 1 "
+                             "(e.g. 0.999), or null for none")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"train.steps={self.steps}: a run needs at least 1 step")
         if self.epochs is not None and not self.epochs > 0:

@@ -19,10 +19,13 @@ from mgssl.train.compiling import compiled
 from mgssl.train import distributed as D
 from mgssl.train import rundir
 from mgssl.train.config import Config, OptimConfig, to_dict
+from mgssl.train.ema import WeightsEMA
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
 from mgssl.train.step import SeparateForwards, autocast_for, method_at, train_step
+
+
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,6 +125,11 @@ class Training:
     evals: list = field(default_factory=list)
     window: LogWindow = field(default_factory=LogWindow)
     finite: Optional[torch.Tensor] = None
+    ema: Optional[WeightsEMA] = None  # train.ema: the average of the weights, evaluated and saved beside them
+
+    @property
+    def best_checkpoint_path(self) -> Path:
+        return self.checkpoint_path.with_name(rf.BEST)
 
     def track_finite(self, loss: torch.Tensor) -> None:
         self.finite = self.finite & torch.isfinite(loss.detach())  # stays on the device: no sync per step
@@ -216,9 +224,10 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
     wire = torch.bfloat16 if cfg.method.grad_reduce_dtype == "bf16" else None
     reduce_grad = ((lambda g: D.average_grads(g, d.world_size, wire)) if (d.enabled and cfg.method.allreduce_grad)
                    else None)
+    ema = WeightsEMA(net, cfg.train.ema) if cfg.train.ema is not None else None
     return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
                     checkpoint_path=run_dir / rf.CHECKPOINT, commit=git_commit(),
-                    finite=torch.ones((), dtype=torch.bool, device=d.device))
+                    finite=torch.ones((), dtype=torch.bool, device=d.device), ema=ema)
 
 
 def ddp_options(cfg: Config) -> dict:
@@ -247,6 +256,8 @@ def _restore(t: Training, state: dict) -> None:
     if t.scaler is not None and "scaler" in state:
         t.scaler.load_state_dict(state["scaler"])
     t.data.train.load_state_dict(state["data"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
     t.evals = list(state["evals"])
     rngs = state["rng"]
     if len(rngs) == t.d.world_size:
@@ -269,6 +280,8 @@ def one_step(t: Training, lr: float, weight: float, step: int) -> dict:
                        num_classes=t.data.num_classes, lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
                        reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
                        compile_meta=cfg.train.compile)
+    if t.ema is not None:
+        t.ema.update(t.net)
     if hasattr(t.data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs
         t.data.train.prefetch()
     return stats
@@ -327,8 +340,10 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
         payload = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(), "step": step,
                    "data": t.data.train.state_dict(), "rng": rngs, "evals": t.evals, "config": to_dict(t.cfg),
                    "mgssl_version": mgssl.__version__, "git_commit": t.commit, "world_size": t.d.world_size,
-                   "log_window": t.window.state_dict(),
+                   "log_window": t.window.state_dict(), "classes": class_names(t.data),
                    "train_set": {"classes": t.data.split.classes, "sha256": t.data.split.train_sha256}}
+        if t.ema is not None:
+            payload["ema"] = t.ema.state_dict()
         if t.scaler is not None:
             payload["scaler"] = t.scaler.state_dict()
         if rank_buffers is not None:
@@ -345,18 +360,59 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
             f"rank 0 could not write {t.checkpoint_path}; see its message")
 
 
+def class_names(data) -> list[str]:
+    """The data set's class names (folder names for image folders), else the class numbers."""
+    return list(getattr(data, "classes", None) or [str(c) for c in range(data.num_classes)])
+
+
+def _errors(t: Training, net: nn.Module, subset: str, autocast) -> dict:
+    return errors_from_counts(D.sum_tensor(error_counts(net, t.data.eval_batches(subset), autocast), t.d))
+
+
 def evaluate(t: Training, step: int) -> dict:
+    """The test error (and top-5, loss); with a validation set its error, which picks best.pt; with
+    train.ema the same errors of the averaged weights (ema_*)."""
     stop_if_not_finite(t, step)
     align_buffers(t)
     autocast = autocast_for(t.d.device, t.cfg.train.precision)
-    totals = D.sum_tensor(error_counts(t.net, t.data.eval_batches("test"), autocast), t.d)
-    result = {"step": step, **errors_from_counts(totals)}
+    has_validation = len(t.data.split.validation) > 0
+    result = {"step": step, **_errors(t, t.net, "test", autocast)}
+    if has_validation:
+        val = _errors(t, t.net, "validation", autocast)
+        result.update(val_error=val["top1_error"], val_loss=val["test_loss"])
+    if t.ema is not None:
+        if t.d.enabled and not t.cfg.train.sync_bn:
+            D.broadcast_buffers(t.ema.module)  # each rank averaged its own BatchNorm statistics
+        ema = _errors(t, t.ema.module, "test", autocast)
+        result.update(ema_top1_error=ema["top1_error"], ema_test_loss=ema["test_loss"])
+        if has_validation:
+            result["ema_val_error"] = _errors(t, t.ema.module, "validation", autocast)["top1_error"]
     if t.data.num_classes <= 10:
         result.pop("top5_error")
+    best_so_far = min((e["val_error"] for e in t.evals if "val_error" in e), default=float("inf"))
     t.evals.append(result)
     if t.log is not None:
         write_log(t, "eval", step, {k: v for k, v in result.items() if k != "step"})
+    if has_validation and result["val_error"] < best_so_far:
+        save_best(t, result)
     return result
+
+
+def save_best(t: Training, result: dict) -> None:
+    """checkpoints/best.pt: the weights of the evaluation with the lowest validation error so far
+    (the first of equal ones), with what predicting and exporting need."""
+    error: Optional[Exception] = None
+    if t.d.is_main:
+        payload = {"model": t.net.state_dict(), "step": result["step"], "config": to_dict(t.cfg),
+                   "classes": class_names(t.data), "val_error": result["val_error"],
+                   "test_error": result["top1_error"], "git_commit": t.commit}
+        try:
+            ckpt.save_atomic(payload, t.best_checkpoint_path)
+        except ckpt.CheckpointError as e:
+            error = e
+    if D.any_rank(error is not None, t.d):
+        raise error if error is not None else ckpt.CheckpointError(
+            f"rank 0 could not write {t.best_checkpoint_path}; see its message")
 
 
 def summarize(t: Training, schedule: RunPlan) -> dict:
@@ -373,4 +429,20 @@ def summarize(t: Training, schedule: RunPlan) -> dict:
             "mgssl_version": mgssl.__version__, "git_commit": t.commit,
             "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
             "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
-            "weights_sha256_per_rank": fingerprints}
+            "weights_sha256_per_rank": fingerprints, "classes": class_names(data),
+            **kept_model_summary(t.evals, t.ema is not None)}
+
+
+def kept_model_summary(evals: list[dict], ema: bool) -> dict:
+    """final.json's numbers of best.pt (picked on the validation set) and of the averaged weights."""
+    out: dict = {}
+    with_val = [e for e in evals if "val_error" in e]
+    if with_val:
+        best = min(with_val, key=lambda e: e["val_error"])  # the first of equal errors, as best.pt keeps
+        out.update(val_error=with_val[-1]["val_error"], best_val_error=best["val_error"], best_val_step=best["step"],
+                   best_val_test_error=best["top1_error"], best_checkpoint=rf.BEST_CHECKPOINT)
+    if ema and evals and "ema_top1_error" in evals[-1]:
+        out["ema_test_error"] = evals[-1]["ema_top1_error"]
+        if "ema_val_error" in evals[-1]:
+            out["ema_val_error"] = evals[-1]["ema_val_error"]
+    return out
