@@ -12,7 +12,7 @@ from fake_datasets import break_jpeg, damage_png, write_class_folders, write_unl
 from mgssl.pipelines import DataConfig, LabelSplit, build_data, check_fit
 from mgssl.pipelines.class_folders import SKIPPED_LOG, load_class_folders
 from mgssl.pipelines.splits import balanced_split
-from mgssl.train.rundir import RUN_FILES
+from mgssl.runfolder import RUN_FILES
 
 # Tiny sizes: a narrow Conv-Large on 16-pixel crops, a few steps.
 TINY = ("data.image_size=16", "data.resize_size=18", "data.batch_size=4", "data.eval_batch_size=8", "data.workers=1",

@@ -54,7 +54,7 @@ def test_the_imagenet_defaults_run_no_fp32_meta_pass_after_their_window(tmp_path
     monkeypatch.setattr(meta, "_full_precision", lambda device: entered.append(1) or real(device))
     root = write_image_folders(tmp_path / "data", num_classes=3, per_class_train=8, per_class_val=2)
     shipped = load_config("resnet18_imagenet_10pct")
-    assert (shipped.train.precision, shipped.method.estimator, shipped.data.labeled_cache) == ("bf16", "auto", True)
+    assert (shipped.train.precision, shipped.method.estimator, shipped.data.labeled_cache) == ("bf16", "jvp", True)
     assert shipped.method.fp32_meta_steps > 0 and shipped.train.compile != "off" and shipped.model.channels_last
     counts = {}
     for steps in (2, 5):

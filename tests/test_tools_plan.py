@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fake_datasets import write_image_folders
-from mgssl.tools.plan import RunCounts, count_run, evaluations, main, predict
+from mgssl.tools.plan import RunCounts, count_run, evaluations, predict, run_plan
 from mgssl.train.config import load_config
 
 OVERRIDES = ("data.name=imagenet", "data.labels=0.25", "data.batch_size=4", "data.eval_batch_size=8",
@@ -75,7 +75,7 @@ def test_every_rate_is_labelled_measured_or_published(tmp_path, capsys):
     bench.write_text("timing table\n" + json.dumps({
         "median_ms": {"meta+mixup fd": 50.0, "meta+mixup jvp": 40.0}, "batch_size": 16, "model": "digits_cnn",
         "device_name": "the test CPU", "precision": "fp32", "compile": "off", "commit": "abc"}))
-    result = main(["digits", "--gpus", "2", "--device", "h100", "--bench", str(bench), "--set", "data.batch_size=32",
+    result = run_plan(["digits", "--gpus", "2", "--device", "h100", "--bench", str(bench), "--set", "data.batch_size=32",
                    "--json", str(tmp_path / "plan.json")])
     rates = result["rates"]
     assert {r["kind"] for r in rates.values()} <= {"measured", "published"}
@@ -90,5 +90,5 @@ def test_every_rate_is_labelled_measured_or_published(tmp_path, capsys):
 
 def test_it_refuses_a_prediction_without_rates(capsys):
     with pytest.raises(SystemExit):
-        main(["digits", "--gpus", "1"])
+        run_plan(["digits", "--gpus", "1"])
     assert "--device h100" in capsys.readouterr().err

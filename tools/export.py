@@ -165,7 +165,7 @@ def export(run_dir, fmt: str, out, *, checkpoint: str = "", device: str = "cpu")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.export", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="mgssl export", description=__doc__.split("\n\n")[1],
                                 epilog="examples:\n  python -m mgssl.tools.export runs/flowers --format onnx --out "
                                        "flowers.onnx\n  python -m mgssl.tools.export runs/flowers --format "
                                        "safetensors --checkpoint ema --out flowers.safetensors",

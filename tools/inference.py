@@ -60,10 +60,10 @@ def _state_of(run_dir: Path, which: str) -> tuple[Path, dict, dict]:
                                     "(data.validation=0) or has not evaluated yet; use --checkpoint last")
         state = ckpt.load(path)
         return path, state, state["model"]
-    path = folder / ckpt.LAST
+    path = folder / rf.LAST
     state = ckpt.load(path) if path.is_file() else None
     if state is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/{ckpt.LAST}; pass the folder of a run of "
+        raise FileNotFoundError(f"{run_dir} has no {rf.CHECKPOINT}; pass the folder of a run of "
                                 "`python -m mgssl.train`")
     if which == "last":
         return path, state, state["model"]

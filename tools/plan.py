@@ -247,8 +247,9 @@ def reference_gflop_per_image() -> float:
     return 3 * counter.get_total_flops() / 1e9
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.plan", description=__doc__.split("\n\n")[0],
+def run_plan(argv=None) -> dict:
+    """The counts, rates and prediction of `mgssl plan ARGV`, printed and returned."""
+    p = argparse.ArgumentParser(prog="mgssl plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a YAML file or the name of one in configs/")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
@@ -329,6 +330,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def main(argv=None) -> int:
+    run_plan(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -67,7 +67,7 @@ def write_csv(rows: list[dict], k: int, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mgssl.tools.predict", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="mgssl predict", description=__doc__.split("\n\n")[1],
                                 epilog="example:\n  python -m mgssl.tools.predict runs/flowers photos/ --topk 3 "
                                        "--out preds.csv", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="the run folder (--out of python -m mgssl.train)")
