@@ -1,7 +1,7 @@
 """Small data sets (digits, CIFAR, SVHN) held whole on the training device as uint8.
 
 Batches are sliced from device tensors by index and augmented there, with no DataLoader workers:
-at 32x32 the host pipeline would be the bottleneck long before the GPU (DESIGN §4)."""
+at 32x32 the host pipeline would be the bottleneck long before the GPU."""
 from dataclasses import dataclass
 from typing import Iterator
 

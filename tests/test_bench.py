@@ -26,7 +26,7 @@ def test_bench_runs_end_to_end_and_reports_json(repo_root, subprocess_env):
     assert s["ratio"] == s["ratio_fd"] > 1 and s["ratio_jvp"] > 1
     assert 0 < s["pairs_per_s"] < s["supervised_pairs_per_s"]
     assert s["pairs_per_s"] == pytest.approx(8 * s["steps_per_s"])
-    # DESIGN §3: meta+mixup is about 12 forwards per pair against 3 for the supervised step.
+    # meta+mixup is about 12 forwards per pair against 3 for the supervised step.
     flops = s["gflop_per_step"]
     assert 3.5 < flops["meta+mixup fd"] / flops["supervised"] < 4.5
     assert flops["meta+mixup jvp"] == pytest.approx(flops["meta+mixup fd"], rel=0.2)

@@ -127,7 +127,7 @@ def cosine(a, b):
 
 
 def test_fd_stays_accurate_under_bf16_autocast():
-    """DESIGN §2: the ±εg perturbation is below bf16 resolution. fd therefore runs its passes in
+    """The ±εg perturbation is below bf16 resolution. fd therefore runs its passes in
     fp32 under autocast; measured here against a float64 reference."""
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1).eval()

@@ -233,7 +233,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fidelity(net: nn.Module, batch, precision: str, device: torch.device, meta_mode: str,
              meta_precision: str = "run") -> dict[str, float]:
-    """Cosine of ∇ỹ at `precision` to a float64 reference (jvp, exact to rounding: DESIGN §1.3)."""
+    """Cosine of ∇ỹ at `precision` to a float64 reference (jvp, exact to rounding)."""
     x_l, y_l, x_u = batch
     model = copy.deepcopy(net).train(meta_mode == "train")
     reference_net = copy.deepcopy(model).double()

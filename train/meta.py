@@ -5,7 +5,7 @@ leaves θ unchanged, and differentiating the labeled loss through that step give
 
     ∇ỹ_i = (2α / B_u) · J_θ p(x_u,i; θ) · g,      g = ∇θ mean_k CE(f(x_l,k; θ), y_k),
 
-a Jacobian-vector product (DESIGN §1.3). Three estimators of J·g:
+a Jacobian-vector product. Three estimators of J·g:
 
 - ``exact``: autograd through the unrolled SGD step (double backward); the slow reference.
 - ``fd``: central finite difference of two forwards at θ ± εg with ε = eps/||g|| (paper Eq. 11).
@@ -130,7 +130,7 @@ def _labeled_loss(model, names, params, buffers, x_l, y_l):
 
 def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
                  compiled: bool = False):
-    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (DESIGN §2).
+    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks.
 
     Under autocast g is taken in the run's precision. Its error there does not come from BatchNorm
     (autocast keeps it in fp32) nor from the loss (reduced in fp32): it comes from the ReLU and

@@ -45,7 +45,7 @@ def mixup_ratios(gamma: float, batch: int, device: torch.device) -> torch.Tensor
 
 
 def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_unlabeled_batch: int) -> torch.Tensor:
-    """The change ỹ - ŷ before projection, from J·g (DESIGN §1.4).
+    """The change ỹ - ŷ before projection, from J·g.
 
     authors: lr · (p(θ+εg) - p(θ-εg)) / ε = lr · 2·J·g, with no α/B_u factor;
     literal: β · ∇ỹ with ∇ỹ = (2α/B_u)·J·g of Eq. 5 and β = α = lr."""
