@@ -179,6 +179,7 @@ def plot(results: list[dict], out: Path) -> None:
     for ax, s in zip(axes, SETS):
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)  # linear within one labeled step's descent, compressed beyond
         ax.set_title(f"ΔH on {s}")
         ax.set_xlabel("multiplier of the run's pseudo-label step")
     axes[0].set_ylabel("ΔH / |ΔH of the labeled step on the g batch|")
