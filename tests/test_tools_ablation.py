@@ -187,7 +187,7 @@ def test_the_readme_lists_the_rows_as_the_study_trains_them(repo_root):
         name, _, overrides = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
         listed[name] = tuple(overrides.split()) if overrides != "(none)" else ()
     assert listed == TABLE4_ROWS
-    assert "python -m mgssl.tools.ablation digits --seeds 0-9 --out runs/table4" in text
+    assert "mgssl ablation digits --seeds 0-9 --out runs/table4" in text
 
 
 def test_an_older_run_folder_matches_the_same_experiment_made_today():

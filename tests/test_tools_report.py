@@ -317,8 +317,8 @@ def test_each_table_names_the_error_it_shows_and_the_readme_agrees(tmp_path, rep
     assert DEFAULT_METRIC == "test_error" and "last evaluation" in METRICS[DEFAULT_METRIC][1]
     readme = " ".join((repo_root / "README.md").read_text().split())
     assert "`test_error` (the last evaluation)" in readme and "`median_last_test_error` (the median" in readme
-    table4 = readme[readme.index("## Results on digits"):readme.index("| Table 4 row")]
-    assert "`test_error` of final.json, the last evaluation" in table4 and "median" not in table4
+    digits = readme[readme.index("**digits**"):readme.index("**CIFAR-10**")]
+    assert "`test_error` of final.json, the last evaluation" in digits and "median" not in digits
 
 
 def test_overtaking_finds_the_first_step_below_and_the_step_from_which_it_stays_below():
