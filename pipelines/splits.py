@@ -80,16 +80,22 @@ def train_set_sha256(labels: np.ndarray, names: Sequence[str] = ()) -> str:
     return digest.hexdigest()
 
 
+def _spread_over_classes(available: np.ndarray, request: Union[int, float], key: str) -> np.ndarray:
+    """Images per class for `key`: a count split equally over the classes, or a fraction of each (at least 1)."""
+    num_classes = len(available)
+    if isinstance(request, float):
+        return np.maximum(1, np.round(available * request)).astype(np.int64)
+    if request % num_classes:
+        raise ValueError(f"{key}={request} cannot be split evenly over {num_classes} classes; use a multiple of "
+                         f"{num_classes} (e.g. {request - request % num_classes or num_classes}) or a fraction of "
+                         "each class (e.g. 0.1)")
+    return np.full(num_classes, request // num_classes, dtype=np.int64)
+
+
 def per_class_counts(labels: np.ndarray, num_classes: int, request: Union[int, float]) -> np.ndarray:
     """How many labeled images each class gets; fails with a message for impossible requests."""
     available = np.bincount(labels, minlength=num_classes)
-    if isinstance(request, float):
-        counts = np.maximum(1, np.round(available * request)).astype(np.int64)
-    else:
-        if request % num_classes:
-            raise ValueError(f"data.labels={request} cannot be split evenly over {num_classes} classes; "
-                             f"use a multiple of {num_classes} (e.g. {request - request % num_classes or num_classes})")
-        counts = np.full(num_classes, request // num_classes, dtype=np.int64)
+    counts = _spread_over_classes(available, request, "data.labels")
     short = np.flatnonzero(counts > available)
     if len(short):
         c = short[0]
@@ -112,13 +118,7 @@ def validation_counts(labels: np.ndarray, num_classes: int, request: Union[int, 
     if not request:
         return np.zeros(num_classes, dtype=np.int64)
     available = np.bincount(labels, minlength=num_classes)
-    if isinstance(request, float):
-        counts = np.maximum(1, np.round(available * request)).astype(np.int64)
-    else:
-        if request % num_classes:
-            raise ValueError(f"data.validation={request} cannot be split evenly over {num_classes} classes; "
-                             f"use a multiple of {num_classes}, or a fraction of each class (e.g. 0.1)")
-        counts = np.full(num_classes, request // num_classes, dtype=np.int64)
+    counts = _spread_over_classes(available, request, "data.validation")
     short = np.flatnonzero(counts >= available)
     if len(short):
         c = short[0]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tool_runs import TINY, one_error_line
 from fake_datasets import write_cifar10
 from tool_runs import COMMON, shared_runs
 from mgssl import runfolder as rf
@@ -16,17 +17,6 @@ from mgssl.pipelines.sources import load_cifar10_arrays
 from mgssl.pipelines.splits import load_split
 from mgssl.train.cli import main
 from mgssl.tools import ablation, evaluate, report
-
-TINY = ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
-        "train.progress=false", "train.tensorboard=false")
-
-
-def one_error_line(capsys, code, expected_code, *fragments):
-    err = capsys.readouterr().err
-    assert code == expected_code and "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.fixture

@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tool_runs import TINY, one_error_line
 from fake_datasets import write_image_folders
 from mgssl.pipelines import DataConfig, build_data
 from mgssl.train.cli import main
-
-TINY = ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
-        "train.progress=false", "train.tensorboard=false")
-
-
-def one_error_line(capsys, code, expected_code, *fragments):
-    err = capsys.readouterr().err
-    assert code == expected_code and "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------

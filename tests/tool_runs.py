@@ -53,3 +53,17 @@ def shared_runs(tmp_path_factory) -> Path:
                     train_digits(root / name, overrides)
             done.write_text(json.dumps(sorted(RUNS)))
     return root
+
+
+# A digits run of two steps, for tests of how runs start, stop and fail.
+TINY = ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
+        "train.progress=false", "train.tensorboard=false")
+
+
+def one_error_line(capsys, code, expected_code, *fragments):
+    """The one `error: ...` line a command printed (no traceback), holding every fragment."""
+    err = capsys.readouterr().err
+    assert code == expected_code and "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
