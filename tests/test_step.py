@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from mgssl.model import build_model
 from mgssl.train.config import MethodConfig
-from mgssl.train.losses import consistency_mse, mixup_pairs, update_pseudo_labels
+from mgssl.train.losses import consistency_mse, mixup_pairs
 from mgssl.train.meta import pseudo_label_grad
-from mgssl.train.step import SeparateForwards, mixup_ratios, pseudo_label_step, pseudo_labels, train_step
+from mgssl.train.pseudo_labels import pseudo_label_step, pseudo_labels, update_pseudo_labels
+from mgssl.train.step import SeparateForwards, mixup_ratios, train_step
 
 
 def small_net(classes=4):
@@ -237,7 +238,7 @@ def test_a_float64_step_computes_its_losses_in_float64():
 
 def test_the_fp32_meta_window_covers_its_first_steps_only():
     from mgssl.train.config import MethodConfig
-    from mgssl.train.step import method_at
+    from mgssl.train.pseudo_labels import method_at
 
     method = MethodConfig(fp32_meta_steps=3)
     assert [method_at(method, s).meta_precision for s in range(5)] == ["fp32"] * 3 + ["run"] * 2

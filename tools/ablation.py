@@ -243,8 +243,6 @@ def run_all(todo: list[Planned], *, jobs: int, threads: int, out: Path, gpus: Op
     """Train `todo`, `jobs` at a time, or with `gpus` one on each GPU (an unfinished one continues from
     its checkpoint); returns the runs that failed. Ctrl-C stops every run cleanly (each keeps its last
     checkpoint) and is raised again."""
-    import json
-
     logs = out / LOGS
     logs.mkdir(parents=True, exist_ok=True)
     free_gpus = list(gpus or [])

@@ -98,9 +98,8 @@ def probe(path, *, multipliers: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0), ba
     """ΔH of the meta step and of its two controls for one checkpoint, averaged over `batches` draws."""
     from mgssl.tools.runs import restore
     from mgssl.train import schedule
-    from mgssl.train.losses import update_pseudo_labels
     from mgssl.train.meta import meta_targets, resolve_estimator
-    from mgssl.train.step import pseudo_label_step
+    from mgssl.train.pseudo_labels import pseudo_label_step, update_pseudo_labels
 
     restored = restore(path, data_root=data_root, device=device, warn=warn)
     cfg, data = restored.cfg, restored.data

@@ -14,11 +14,9 @@ batch, so a step takes max(compute + all-reduce, decode); the longer side is the
 """
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -23,7 +23,8 @@ from mgssl.train.ema import WeightsEMA
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
-from mgssl.train.step import SeparateForwards, autocast_for, method_at, train_step
+from mgssl.train.pseudo_labels import method_at
+from mgssl.train.step import SeparateForwards, autocast_for, train_step
 
 
 

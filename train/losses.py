@@ -14,16 +14,6 @@ def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch
     return (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
-def update_pseudo_labels(pseudo: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """ŷ = ỹ - delta, projected back onto the simplex the cheap way: relu, then renormalise.
-
-    A row that the step pushes entirely to zero stays zero (it then carries no label signal)
-    rather than dividing by zero."""
-    shifted = torch.relu(pseudo - delta)  # (B, C)
-    total = shifted.sum(dim=1, keepdim=True)
-    return shifted / torch.where(total > 0, total, torch.ones_like(total))
-
-
 def soft_target_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """KL(target ‖ softmax(logits)) averaged over the batch; with one-hot targets this is the CE."""
     return F.kl_div(F.log_softmax(fp32_or_wider(logits), dim=1), target, reduction="batchmean")

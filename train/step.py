@@ -2,7 +2,6 @@
 labeled-only baseline. Algorithm 2 is meta + mixup.
 
 The step returns device tensors and never reads them back: the caller decides when to sync."""
-import dataclasses
 from contextlib import nullcontext
 from typing import Callable, Optional, Union
 
@@ -12,9 +11,9 @@ import torch.nn.functional as F
 
 from mgssl.train.compiling import begin_step
 from mgssl.train.config import MethodConfig
-from mgssl.train.losses import (consistency_mse, fp32_or_wider, mixup_pairs, one_hot, soft_target_kl,
-                          update_pseudo_labels)
-from mgssl.train.meta import GradReducer, meta_targets
+from mgssl.train.losses import consistency_mse, fp32_or_wider, mixup_pairs, one_hot, soft_target_kl
+from mgssl.train.meta import GradReducer
+from mgssl.train.pseudo_labels import pseudo_labels
 
 
 class SeparateForwards(nn.Module):
@@ -42,53 +41,6 @@ def mixup_ratios(gamma: float, batch: int, device: torch.device) -> torch.Tensor
     Dirichlet and keeps its first coordinate; its argument checks read tensors back to the host."""
     concentration = torch.full((batch, 2), gamma, device=device)
     return torch._sample_dirichlet(concentration)[:, 0]
-
-
-def pseudo_label_step(jg: torch.Tensor, lr: float, method: MethodConfig, global_unlabeled_batch: int) -> torch.Tensor:
-    """The change ỹ - ŷ before projection, from J·g.
-
-    authors: lr · (p(θ+εg) - p(θ-εg)) / ε = lr · 2·J·g, with no α/B_u factor;
-    literal: β · ∇ỹ with ∇ỹ = (2α/B_u)·J·g of Eq. 5 and β = α = lr."""
-    if method.meta_scale == "authors":
-        scale = 2.0 * lr
-    else:
-        scale = lr * 2.0 * lr / global_unlabeled_batch
-    return (scale * method.meta_multiplier) * jg
-
-
-def method_at(method: MethodConfig, step: int) -> MethodConfig:
-    """The method of step `step`: within method.fp32_meta_steps, the meta part in fp32."""
-    if step < method.fp32_meta_steps and method.meta_precision != "fp32":
-        return dataclasses.replace(method, meta_precision="fp32")
-    return method
-
-
-def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, lr: float, autocast,
-                  reduce_grad: Optional[GradReducer], world_size: int, fd_batched: bool = False,
-                  compile_meta: Union[bool, str] = False) -> tuple[torch.Tensor, dict]:
-    """ŷ for the unlabeled batch: the network's prediction ỹ, moved by the meta-gradient when
-    method.meta (with meta off, ŷ = ỹ and everything else is unchanged)."""
-    was_training = meta_net.training
-    meta_net.train(method.meta_mode == "train")
-    try:
-        with autocast:
-            if method.meta:
-                out = meta_targets(meta_net, x_l, y_l, x_u, estimator=method.estimator, eps=method.eps,
-                                   reduce_grad=reduce_grad, fd_full_precision=method.fd_full_precision,
-                                   fd_midpoint=method.fd_midpoint, fd_batched=fd_batched,
-                                   compiled=compile_meta, full_precision=method.meta_precision == "fp32")
-                y_tilde = out.pseudo_labels
-                y_hat = update_pseudo_labels(y_tilde, pseudo_label_step(out.jg, lr, method, x_u.shape[0] * world_size))
-                stats = {"pseudo_label_shift": (y_hat - y_tilde).abs().sum(dim=1).mean(),
-                         # A copy: under CUDA graphs the next replay overwrites the graph's outputs.
-                         "labeled_grad_norm": out.grad_norm.float().clone()}
-            else:
-                with torch.no_grad():
-                    y_hat = torch.softmax(fp32_or_wider(meta_net(x_u)), dim=1)
-                stats = {}
-    finally:
-        meta_net.train(was_training)
-    return y_hat.detach(), stats
 
 
 def train_step(
