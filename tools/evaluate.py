@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mgssl.tools.runs import output_error
+from mgssl.tools.runs import write_json_output
 
 
 def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = "cpu",
@@ -69,11 +69,9 @@ def main(argv=None) -> int:
     if "top5_error" in result:
         print(f"test error top-5: {100 * result['top5_error']:.2f}%")
     if args.json is not None:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            print(f"error: {output_error(e, '--json')}", file=sys.stderr)
+        error = write_json_output(args.json, result)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
     return 0
 

@@ -15,7 +15,6 @@ the same length per image (then the same SGD step), `labeled` moves θ along −
 step moved it (the best first-order descent of the g-batch loss for that distance).
 Batches are drawn as in training (the run's batch size, without augmentation), in eval mode, in fp32."""
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,13 +240,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json is not None:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as e:
-            from mgssl.tools.runs import output_error
+        from mgssl.tools.runs import write_json_output
 
-            print(f"error: {output_error(e, '--json')}", file=sys.stderr)
+        error = write_json_output(args.json, results)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
     if args.plot is not None:
         plot(results, args.plot)

@@ -2,6 +2,7 @@
 
 The folder's files and how each is opened and read are defined in mgssl/runfolder.py; a damaged one is
 an error that names it."""
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +52,16 @@ def output_error(e: OSError, option: str) -> str:
     """One line for an output path a tool cannot write (read-only, too long, a file in the way)."""
     where = e.filename or "the output"
     return f"cannot write {where} ({e.strerror or e}); choose another {option}"
+
+
+def write_json_output(path: Path, payload, option: str = "--json") -> Optional[str]:
+    """Write `payload` as indented JSON at a tool's output `path`; the one-line error if it cannot."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as e:
+        return output_error(e, option)
+    return None
 
 
 @dataclass
