@@ -166,8 +166,7 @@ def read_records(path: Path, warn: Callable[[str], None]) -> list[dict]:
     return records
 
 
-# Metadata of config fields (dataclasses.field(metadata=...)), read wherever a config is compared
-# with the one a run folder holds: on resume, and when the tools group runs into experiments.
+# config field metadata, read where a config meets a run folder's: on resume, and when tools group runs
 RESUMABLE = {"resumable": True}  # a resume may change it (the schedule's length is checked further)
 NOT_EXPERIMENT = {"not_experiment": True}  # runs that differ only in such keys repeat one experiment
 HOW_RUN = {**RESUMABLE, **NOT_EXPERIMENT}  # how a run is run (paths, logging, kernels), not what it learns

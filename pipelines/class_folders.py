@@ -20,8 +20,7 @@ from mgssl import runfolder as rf
 from mgssl.pipelines.folders import FileDataset
 from mgssl.pipelines.sources import DataMissingError, _need_root
 
-# The suffixes of the formats that both Pillow and DALI's CPU decoder were checked to decode (DALI
-# has no GIF decoder; HEIC and AVIF need Pillow plug-ins).
+# formats both Pillow and DALI's CPU decoder were checked to decode (no GIF in DALI; HEIC/AVIF need plug-ins)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".jp2", ".ppm", ".pgm", ".pnm")
 SKIPPED_LOG = rf.SKIPPED
 LAYOUT = ("one sub-folder of images per class (<class>/*.jpg ...), or train/<class>/ with val/<class>/ "

@@ -14,8 +14,7 @@ class UnsafePickleError(ValueError):
 
 
 def _latin1_encode(text, encoding="latin1"):
-    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, "latin1"); nothing else is needed.
-    # The name is compared as text: looking an unknown codec up would import a module.
+    # protocol-2 bytes are _codecs.encode(text, "latin1"); the codec name is compared as text (a lookup imports)
     if str(encoding).lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591") \
             or not isinstance(text, str):
         raise UnsafePickleError(f"_codecs.encode with {encoding!r}")
@@ -23,15 +22,14 @@ def _latin1_encode(text, encoding="latin1"):
 
 
 def _empty_bytes(*args):
-    # Python 3 writes b"" into protocol-2 pickles as a call of bytes() with no argument; bytes(n) would
-    # allocate n bytes, so only the empty call is taken.
+    # protocol-2 b"" is bytes() with no argument; bytes(n) would allocate n bytes
     if args:
         raise UnsafePickleError(f"bytes{args!r:.40}")
     return b""
 
 
 def _numpy_core(module: str, name: str):
-    # Files name numpy.core (NumPy 1) or numpy._core (NumPy 2); take the function from whichever exists.
+    # numpy.core (NumPy 1) or numpy._core (NumPy 2), whichever exists
     for candidate in (f"numpy._core.{module}", f"numpy.core.{module}"):
         try:
             return getattr(importlib.import_module(candidate), name)
@@ -40,8 +38,7 @@ def _numpy_core(module: str, name: str):
     raise UnsafePickleError(f"numpy {module}.{name} is not in this NumPy")
 
 
-# (module, name) as the file spells it -> how to get the object. Arrays are rebuilt by _reconstruct
-# (protocols 0-4) or _frombuffer (protocol 5) from an ndarray class, a dtype and their bytes.
+# (module, name) as the file spells it -> the object; arrays come from _reconstruct or _frombuffer (protocol 5)
 _ALLOWED = {
     ("numpy", "ndarray"): lambda: importlib.import_module("numpy").ndarray,
     ("numpy", "dtype"): lambda: importlib.import_module("numpy").dtype,

@@ -22,8 +22,7 @@ from mgssl.tools.stats import PairedTests, paired_tests, with_holm
 from mgssl.tools.runs import (TABLE4_VARIANTS, VARIANT_KEYS, Run, RunSelectionError, at_common_steps, differing_keys,
                         experiment_key, output_error, read_metric_rows, select_runs)
 
-# The errors of final.json a table can show: key -> (column heading, what it is). The default,
-# test_error, is the last evaluation, the number SSL papers report at the end of training.
+# final.json's errors a table can show; the default, the last evaluation, is what SSL papers report
 METRICS = {"test_error": ("Final test error", "final test error, the last evaluation"),
            "best_test_error": ("Best test error", "best test error over the evaluations"),
            "median_last_test_error": ("Median last test error",
@@ -151,8 +150,7 @@ META_PAIRS = (("meta", "none", "row 2 − row 1 (no mixup)"), ("both", "mixup", 
 # What the unlabeled images buy: each semi-supervised row against the labeled-only baseline.
 GAIN_PAIRS = tuple((row, "labeled", f"row {n} − labeled only")
                    for n, row in enumerate(("none", "meta", "mixup", "both"), start=1))
-# The other pairs of semi-supervised rows: compared where a table holds no pair of the two kinds above,
-# so that any two rows of a study give a paired comparison.
+# compared where a table has no pair of the kinds above, so any two rows of a study form a comparison
 OTHER_PAIRS = (("mixup", "none", "row 3 − row 1"), ("both", "meta", "row 4 − row 2"),
                ("both", "none", "row 4 − row 1"), ("mixup", "meta", "row 3 − row 2"))
 SIGNIFICANCE = 0.05

@@ -86,9 +86,7 @@ def main(argv=None) -> int:
         print(describe(cfg, " ".join([str(source), *(f"--set {o}" for o in args.overrides)])), end="")
         return 0
     out = args.out or Path("runs") / f"{resolve_config_path(source).stem}-seed{cfg.seed}"
-    # A worker restarted by `torchrun --max-restarts` reruns this command: continue, don't refuse.
-    # The restart count alone cannot tell: on several nodes, an agent whose own workers were healthy
-    # restarts them with a count of 0. So under --max-restarts an existing checkpoint is continued.
+    # under --max-restarts a checkpoint is continued: a healthy node's agent restarts its workers with count 0
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     resume = args.resume or restarts_allowed or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
@@ -98,8 +96,7 @@ def main(argv=None) -> int:
     from mgssl.train.engine import NonFiniteLossError, RanksDivergedError, run
     from mgssl.train.rundir import EXIT_STOPPED, RunFolderError, RunStopped, continue_command
 
-    # Faults the user can act on get one clear line and a non-zero exit; anything else is a bug and
-    # keeps its traceback.
+    # faults a user can act on get one line and a non-zero exit; anything else is a bug and keeps its traceback
     expected = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, CheckpointError,
                 NonFiniteLossError, RanksDivergedError, DeviceError, CorruptImageError, DaliUnavailableError,
                 RunFolderError)
