@@ -22,7 +22,7 @@ from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
 from mgssl.train.pseudo_labels import method_at
-from mgssl.train.step import SeparateForwards, autocast_for, train_step
+from mgssl.train.step import SeparateForwards, StepParts, autocast_for, train_step
 
 
 
@@ -94,11 +94,16 @@ class Training:
     window: LogWindow = field(init=False)
     rng: rs.RandomState = field(init=False)
     rank_buffers: rs.RankBuffers = field(init=False)
+    step_parts: StepParts = field(init=False)  # what every step works with
 
     def __post_init__(self):
         self.window = LogWindow(self.d.device)
         self.rng = rs.RandomState(self.d)
         self.rank_buffers = rs.RankBuffers(self.net, self.d)
+        self.step_parts = StepParts(self.forwards, self.net, self.optimizer, self.data.num_classes,
+                                    precision=self.cfg.train.precision, scaler=self.scaler,
+                                    reduce_grad=self.reduce_grad, world_size=self.d.world_size,
+                                    before_backward=self.track_finite, compile_meta=self.cfg.train.compile)
 
     @property
     def best_checkpoint_path(self) -> Path:
@@ -227,11 +232,7 @@ def one_step(t: Training, lr: float, weight: float, step: int) -> dict:
     batch = next(t.data.train)
     if t.cfg.model.channels_last:  # a no-op for the pipelines that already deliver NHWC memory
         batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in batch)
-    cfg = t.cfg
-    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=method_at(cfg.method, step),
-                       num_classes=t.data.num_classes, lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
-                       reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
-                       compile_meta=cfg.train.compile)
+    stats = train_step(t.step_parts, batch, method=method_at(t.cfg.method, step), lr=lr, consistency_weight=weight)
     if t.ema is not None:
         t.ema.update(t.net)
     if hasattr(t.data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs
