@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mgssl.model import build_model
 from mgssl.train.config import MethodConfig
-from mgssl.train.step import SeparateForwards, train_step
+from mgssl.train.step import StepParts, train_step
 
 
 def written_out_meta_step(net, opt, batch, *, lr, weight, mixup, eps=0.01, gamma=1.0, num_classes=10):
@@ -61,7 +61,7 @@ def test_the_meta_rows_are_the_authors_meta_script_in_float64(mixup):
         for group in opt_ours.param_groups:  # the engine sets the scheduled rate before each step
             group["lr"] = lr
         torch.manual_seed(100 + step)
-        stats = train_step(SeparateForwards(ours), ours, opt_ours, batch, method=MethodConfig(mixup=mixup), num_classes=10, lr=lr,
+        stats = train_step(StepParts.of(ours, opt_ours, 10), batch, method=MethodConfig(mixup=mixup), lr=lr,
                            consistency_weight=weight)
         torch.manual_seed(100 + step)
         written_out_meta_step(theirs, opt_theirs, batch, lr=lr, weight=weight, mixup=mixup)

@@ -8,7 +8,7 @@ from mgssl.model import build_model
 from mgssl.train.compiling import compile_mode, compiled
 from mgssl.train.config import MethodConfig, OptimConfig, load_config
 from mgssl.train.engine import build_optimizer
-from mgssl.train.step import SeparateForwards, train_step
+from mgssl.train.step import SeparateForwards, StepParts, train_step
 
 
 def test_compile_modes_read_from_the_config():
@@ -22,10 +22,9 @@ def test_compile_modes_read_from_the_config():
 
 def steps(net, mode, batch, count=2):
     optimizer = build_optimizer(net, OptimConfig(lr=0.05), torch.device("cpu"))
-    forwards = SeparateForwards(compiled(net, mode))
+    parts = StepParts(SeparateForwards(compiled(net, mode)), net, optimizer, 10, compile_meta=mode)
     torch.manual_seed(1)  # the same dropout masks and mixup draws in both runs
-    out = [train_step(forwards, net, optimizer, batch, method=MethodConfig(), num_classes=10, lr=0.05,
-                      consistency_weight=1.0, compile_meta=mode) for _ in range(count)]
+    out = [train_step(parts, batch, method=MethodConfig(), lr=0.05, consistency_weight=1.0) for _ in range(count)]
     return out, net
 
 

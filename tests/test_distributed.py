@@ -229,7 +229,7 @@ def _ddp_steps(rank: int, store_path: str, options: dict, out: str) -> None:
     from mgssl.model import build_model
     from mgssl.train.config import MethodConfig
     from mgssl.train.distributed import average_grads
-    from mgssl.train.step import SeparateForwards, train_step
+    from mgssl.train.step import SeparateForwards, StepParts, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
@@ -238,13 +238,13 @@ def _ddp_steps(rank: int, store_path: str, options: dict, out: str) -> None:
         net = build_model("digits_cnn", 10, 1)
         forwards = torch.nn.parallel.DistributedDataParallel(SeparateForwards(net), **options)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        parts = StepParts(forwards, net, optimizer, 10, reduce_grad=lambda g: average_grads(g, 2), world_size=2)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         torch.manual_seed(10 + rank)  # and its own mixup draws
         for _ in range(2):
             batch = (torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen),
                      torch.randn(4, 1, 8, 8, generator=gen))
-            train_step(forwards, net, optimizer, batch, method=MethodConfig(), num_classes=10, lr=0.1,
-                       consistency_weight=1.0, reduce_grad=lambda g: average_grads(g, 2), world_size=2)
+            train_step(parts, batch, method=MethodConfig(), lr=0.1, consistency_weight=1.0)
         if rank == 0:
             torch.save(net.state_dict(), out)
     finally:

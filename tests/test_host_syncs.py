@@ -13,7 +13,7 @@ from mgssl.train.engine import build_optimizer
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.host_syncs import count_host_syncs
 from mgssl.train.metrics import read_window
-from mgssl.train.step import SeparateForwards, train_step
+from mgssl.train.step import StepParts, train_step
 
 # The rows of configs/README.md's Table 4, as method overrides.
 ROWS = {
@@ -41,12 +41,11 @@ def run_steps(method: MethodConfig, device, steps=3, precision="fp32", channels_
     batch = digits_batch(device)
     if channels_last:
         batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch)
-    forwards = SeparateForwards(net)
+    parts = StepParts.of(net, optimizer, 10, precision=precision)
     out = []
     with around if around is not None else nullcontext():
         for step in range(steps):
-            out.append(train_step(forwards, net, optimizer, batch, method=method, num_classes=10,
-                                  lr=0.1, consistency_weight=0.5 * step, precision=precision))
+            out.append(train_step(parts, batch, method=method, lr=0.1, consistency_weight=0.5 * step))
     return out
 
 

@@ -11,7 +11,7 @@ from mgssl.train.config import MethodConfig
 from mgssl.train.losses import consistency_mse, mixup_pairs
 from mgssl.train.meta import pseudo_label_grad
 from mgssl.train.pseudo_labels import pseudo_label_step, pseudo_labels, update_pseudo_labels
-from mgssl.train.step import SeparateForwards, mixup_ratios, train_step
+from mgssl.train.step import StepParts, mixup_ratios, train_step
 
 
 def small_net(classes=4):
@@ -110,8 +110,7 @@ def test_every_table4_row_trains_one_step(row):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     method = MethodConfig(**ROWS[row])
     net.train()
-    stats = train_step(SeparateForwards(net), net, opt, digits_batch(), method=method, num_classes=10, lr=0.1,
-                       consistency_weight=1.0)
+    stats = train_step(StepParts.of(net, opt, 10), digits_batch(), method=method, lr=0.1, consistency_weight=1.0)
     assert net.training
     assert all(torch.isfinite(v) for v in stats.values())
     assert ("pseudo_label_shift" in stats) == method.meta
@@ -188,8 +187,7 @@ def test_zero_consistency_weight_without_meta_is_the_authors_mixup_baseline():
     for step in range(3):
         batch = tuple(t.double() if t.is_floating_point() else t for t in digits_batch(seed=step))
         torch.manual_seed(100 + step)
-        stats = train_step(SeparateForwards(ours), ours, opt_ours, batch, method=method, num_classes=10, lr=0.1,
-                           consistency_weight=0.0)
+        stats = train_step(StepParts.of(ours, opt_ours, 10), batch, method=method, lr=0.1, consistency_weight=0.0)
         torch.manual_seed(100 + step)
         authors_mixup_baseline_step(theirs, opt_theirs, batch, lr=0.1)
         assert "loss_consistency" not in stats
@@ -204,12 +202,10 @@ def test_the_first_step_of_a_ramp_still_forwards_the_unlabeled_batch():
     net = build_model("digits_cnn", 10, 1).train()
     with_unlabeled, labeled_only = copy.deepcopy(net), copy.deepcopy(net)
     batch = digits_batch()
-    stats = train_step(SeparateForwards(with_unlabeled), with_unlabeled, torch.optim.SGD(with_unlabeled.parameters(), lr=0.0),
-                       batch, method=MethodConfig(meta=False, mixup=False), num_classes=10, lr=0.0,
-                       consistency_weight=0.0)
-    train_step(SeparateForwards(labeled_only), labeled_only, torch.optim.SGD(labeled_only.parameters(), lr=0.0), batch,
-               method=MethodConfig(meta=False, mixup=False, consistency_weight=0.0), num_classes=10, lr=0.0,
-               consistency_weight=0.0)
+    stats = train_step(StepParts.of(with_unlabeled, torch.optim.SGD(with_unlabeled.parameters(), lr=0.0), 10), batch,
+                       method=MethodConfig(meta=False, mixup=False), lr=0.0, consistency_weight=0.0)
+    train_step(StepParts.of(labeled_only, torch.optim.SGD(labeled_only.parameters(), lr=0.0), 10), batch,
+               method=MethodConfig(meta=False, mixup=False, consistency_weight=0.0), lr=0.0, consistency_weight=0.0)
     assert "loss_consistency" in stats
     mean = "features.0.1.running_mean"
     assert not torch.allclose(with_unlabeled.state_dict()[mean], labeled_only.state_dict()[mean])
@@ -221,15 +217,15 @@ def test_a_float64_step_computes_its_losses_in_float64():
     x_l, y_l, x_u = (t.double() if t.is_floating_point() else t for t in digits_batch())
     for row in ROWS.values():
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        stats = train_step(SeparateForwards(net), net, opt, (x_l, y_l, x_u), method=MethodConfig(**row),
-                           num_classes=10, lr=0.1, consistency_weight=1.0)
+        stats = train_step(StepParts.of(net, opt, 10), (x_l, y_l, x_u), method=MethodConfig(**row), lr=0.1,
+                           consistency_weight=1.0)
         assert stats["loss"].dtype == torch.float64, row
     # The labeled-only loss against the same cross-entropy computed by hand in float64, before a step.
     net_ref = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     torch.manual_seed(7)  # the same dropout masks in both forwards
-    stats = train_step(SeparateForwards(net), net, opt, (x_l, y_l, x_u), method=MethodConfig(**ROWS["labeled-only"]),
-                       num_classes=10, lr=0.0, consistency_weight=1.0)
+    stats = train_step(StepParts.of(net, opt, 10), (x_l, y_l, x_u), method=MethodConfig(**ROWS["labeled-only"]),
+                       lr=0.0, consistency_weight=1.0)
     torch.manual_seed(7)
     logits = net_ref(x_l)
     by_hand = -(logits.log_softmax(1).gather(1, y_l[:, None])).mean()

@@ -47,7 +47,7 @@ from mgssl.train.compiling import COMPILE_MODES, compiled
 from mgssl.train.config import MethodConfig, OptimConfig
 from mgssl.train.engine import build_optimizer, git_commit
 from mgssl.train.meta import pseudo_label_grad, resolve_estimator
-from mgssl.train.step import SeparateForwards, autocast_for, train_step
+from mgssl.train.step import SeparateForwards, StepParts, autocast_for, train_step
 
 # name -> (classes, channels, image side): the data sets each network is trained on in the paper.
 SHAPES = {
@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on for cuda, off for cpu)")
     p.add_argument("--fd-batched", action="store_true",
-                   help="fd's eval-mode passes as one vmapped call (train_step(fd_batched=True))")
+                   help="fd's eval-mode passes as one vmapped call (StepParts(fd_batched=True))")
     p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
                    help="torch.compile the network's train-mode forwards and the meta part's passes, as "
                         "train.compile (bare --compile: default; reduce-overhead: CUDA graphs)")
@@ -364,15 +364,14 @@ def run_bench(argv=None) -> dict:
                       width=args.width).to(device).train()
     optimizer = build_optimizer(net, OptimConfig(lr=0.01), device)  # the trainer's own SGD kernel choice
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-    forwards = SeparateForwards(compiled(net, args.compile))
+    parts = StepParts(SeparateForwards(compiled(net, args.compile)), net, optimizer, classes, precision=args.precision,
+                      scaler=scaler, fd_batched=args.fd_batched, compile_meta=args.compile)
     gen = torch.Generator().manual_seed(args.seed)
     batch = synthetic_batch(classes, channels, side, args.batch_size, device, args.channels_last, gen)
 
     def step_of(method: MethodConfig) -> Callable[[], None]:
         def step():
-            train_step(forwards, net, optimizer, batch, method=method, num_classes=classes, lr=0.01,
-                       consistency_weight=1.0, precision=args.precision, scaler=scaler,
-                       fd_batched=args.fd_batched, compile_meta=args.compile)
+            train_step(parts, batch, method=method, lr=0.01, consistency_weight=1.0)
         return step
 
     rows = variants(args.estimator, args.meta_precision)

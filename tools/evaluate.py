@@ -18,6 +18,7 @@ def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = 
     from mgssl.train.evaluate import error_counts, errors_from_counts
     from mgssl.train.step import autocast_for
     from mgssl.tools.runs import restore
+    from mgssl.train import run_state as rs
 
     restored = restore(path, data_root=data_root, device=device, warn=warn)
     precision = precision or restored.cfg.train.precision
@@ -27,7 +28,7 @@ def evaluate_checkpoint(path, *, data_root: Optional[str] = None, device: str = 
     result = errors_from_counts(totals)
     if restored.data.num_classes <= 10:
         result.pop("top5_error")
-    result.update(checkpoint=str(restored.checkpoint), step=int(restored.state.get("step", -1)),
+    result.update(checkpoint=str(restored.checkpoint), step=int(restored.state.get(rs.STEP, -1)),
                   dataset=restored.cfg.data.name, model=restored.cfg.model.name,
                   num_classes=int(restored.data.num_classes), precision=precision, device=str(restored.device))
     return result

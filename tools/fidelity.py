@@ -79,14 +79,16 @@ def trained_weights(path: str) -> dict:
     """The network weights of a checkpoint of `python -m mgssl.train` (a .pt file or its run folder)."""
     from mgssl.tools.runs import checkpoint_path
     from mgssl.train import checkpoint as ckpt
+    from mgssl.train import run_state as rs
 
     try:
         state = ckpt.load(checkpoint_path(path))
     except FileNotFoundError as e:
         raise SystemExit(f"--weights: {e}") from None
-    if "model" not in state:
-        raise SystemExit(f"--weights {path}: no 'model' entry; pass a checkpoint of `python -m mgssl.train` or its run folder")
-    return state["model"]
+    if rs.MODEL not in state:
+        raise SystemExit(f"--weights {path}: no {rs.MODEL!r} entry; pass a checkpoint of `python -m mgssl.train` or its "
+                         "run folder")
+    return state[rs.MODEL]
 
 
 def calibrates(weights: Optional[str], calibrate: Optional[bool]) -> bool:

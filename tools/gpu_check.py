@@ -202,7 +202,7 @@ def check_host_syncs(plan: Plan) -> list[Row]:
     from mgssl.tools.bench import SHAPES, synthetic_batch
     from mgssl.train.config import MethodConfig, OptimConfig
     from mgssl.train.engine import build_optimizer
-    from mgssl.train.step import SeparateForwards, train_step
+    from mgssl.train.step import StepParts, train_step
 
     classes, channels, side = SHAPES[plan.sync_model]
     precision = "fp32" if plan.dry_run else "bf16"
@@ -215,11 +215,10 @@ def check_host_syncs(plan: Plan) -> list[Row]:
             batch = synthetic_batch(classes, channels, side, plan.sync_batch, plan.device, not plan.dry_run,
                                     torch.Generator().manual_seed(0))
             method = MethodConfig(estimator=estimator, **overrides)
-            forwards = SeparateForwards(net)
+            parts = StepParts.of(net, optimizer, classes, precision=precision)
 
             def step():
-                train_step(forwards, net, optimizer, batch, method=method, num_classes=classes, lr=0.01,
-                           consistency_weight=1.0, precision=precision)
+                train_step(parts, batch, method=method, lr=0.01, consistency_weight=1.0)
 
             step()  # first-call set-up is not a step
             syncs = count_syncs(step, plan.device, steps)

@@ -51,6 +51,8 @@ def _state_of(run_dir: Path, which: str) -> tuple[Path, dict, dict]:
     """(checkpoint file, its contents, the network's weights) of `which`."""
     from mgssl import runfolder as rf
     from mgssl.train import checkpoint as ckpt
+    from mgssl.train import run_state as rs
+    from mgssl.train.ema import WeightsEMA
 
     folder = run_dir / rf.CHECKPOINTS
     if which == "best":
@@ -59,18 +61,17 @@ def _state_of(run_dir: Path, which: str) -> tuple[Path, dict, dict]:
             raise FileNotFoundError(f"{run_dir} has no {rf.BEST_CHECKPOINT}: the run held out no validation images "
                                     "(data.validation=0) or has not evaluated yet; use --checkpoint last")
         state = ckpt.load(path)
-        return path, state, state["model"]
+        return path, state, state[rs.MODEL]
     path = folder / rf.LAST
     state = ckpt.load(path) if path.is_file() else None
     if state is None:
         raise FileNotFoundError(f"{run_dir} has no {rf.CHECKPOINT}; pass the folder of a run of "
                                 "`python -m mgssl.train`")
     if which == "last":
-        return path, state, state["model"]
-    if "ema" not in state:
+        return path, state, state[rs.MODEL]
+    if rs.EMA not in state:
         raise ValueError(f"{path} holds no weight average: the run had train.ema off; use --checkpoint best or last")
-    averaged = state["ema"]["averaged"]  # AveragedModel's: module.<name> and n_averaged
-    return path, state, {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
+    return path, state, WeightsEMA.weights_in(state[rs.EMA])
 
 
 def load_model(run_dir, which: str = "best", device: str = "cpu") -> LoadedModel:
@@ -79,6 +80,7 @@ def load_model(run_dir, which: str = "best", device: str = "cpu") -> LoadedModel
     import torch
 
     from mgssl.pipelines.dali import MEAN, STD
+    from mgssl.train import run_state as rs
     from mgssl.train.config import Config, from_dict
 
     if which not in CHECKPOINTS:
@@ -88,15 +90,15 @@ def load_model(run_dir, which: str = "best", device: str = "cpu") -> LoadedModel
         raise FileNotFoundError(f"{run_dir} is not a run folder; pass the --out folder of `python -m mgssl.train`")
     path, state, weights = _state_of(run_dir, which)
     try:
-        cfg = from_dict(Config, state["config"])
+        cfg = from_dict(Config, state[rs.CONFIG])
     except (KeyError, ValueError) as e:
         raise ValueError(f"the config saved in {path} does not load with this version of the code ({e}); use the "
-                         f"version that trained it (git commit {state.get('git_commit', 'unknown')})") from None
+                         f"version that trained it (git commit {state.get(rs.GIT_COMMIT, 'unknown')})") from None
     if cfg.data.name not in IMAGE_DATASETS:
         raise ValueError(f"{run_dir} trained on {cfg.data.name}, held in memory as arrays; predicting and exporting "
                          f"work on runs of image files (data.name={' or '.join(IMAGE_DATASETS)})")
     in_channels = next(v.shape[1] for v in weights.values() if v.dim() == 4)  # the first convolution's input
-    classes = state.get("classes")
+    classes = state.get(rs.CLASSES)
     if not classes:  # a checkpoint from before class names were saved: the classifier's outputs, by number
         classes = [str(c) for c in range(next(v.shape[0] for v in reversed(weights.values()) if v.dim() == 2))]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -105,7 +107,7 @@ def load_model(run_dir, which: str = "best", device: str = "cpu") -> LoadedModel
     net.load_state_dict(weights)
     net.to(dev).eval()
     preprocess = Preprocess(cfg.data.image_size, cfg.data.resize_size, tuple(MEAN), tuple(STD))
-    return LoadedModel(net, classes, preprocess, cfg, path, which, int(state.get("step", -1)))
+    return LoadedModel(net, classes, preprocess, cfg, path, which, int(state.get(rs.STEP, -1)))
 
 
 def default_checkpoint(run_dir) -> str:

@@ -96,6 +96,7 @@ def probe(path, *, multipliers: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0), ba
           warn=print) -> dict:
     """ΔH of the meta step and of its two controls for one checkpoint, averaged over `batches` draws."""
     from mgssl.tools.runs import restore
+    from mgssl.train import run_state as rs
     from mgssl.train import schedule
     from mgssl.train.meta import meta_targets, resolve_estimator
     from mgssl.train.pseudo_labels import pseudo_label_step, update_pseudo_labels
@@ -104,7 +105,7 @@ def probe(path, *, multipliers: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0), ba
     cfg, data = restored.cfg, restored.data
     if cfg.data.name == "imagenet":
         raise ValueError("tools.meta_probe reads the data sets held in memory (digits, CIFAR, SVHN), not image folders")
-    step = int(restored.state.get("step", 0))
+    step = int(restored.state.get(rs.STEP, 0))
     plan = schedule.plan(cfg, data.unlabeled_size)
     lr = schedule.learning_rate(step, cfg.optim, plan.total_steps, plan.warmup_steps)
     batch = cfg.data.batch_size

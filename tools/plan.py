@@ -124,7 +124,7 @@ def network_flops(cfg, num_classes: int, channels: int, side: int, batch: int = 
     method, counted by torch's FLOP counter on CPU tensors of the run's image size."""
     from mgssl.train.engine import build_optimizer
     from mgssl.train.meta import resolve_estimator
-    from mgssl.train.step import SeparateForwards, train_step
+    from mgssl.train.step import StepParts, train_step
 
     torch.manual_seed(0)
     net = cfg.model.build(num_classes, channels).train()
@@ -143,8 +143,7 @@ def network_flops(cfg, num_classes: int, channels: int, side: int, batch: int = 
     optimizer = build_optimizer(net, cfg.optim, torch.device("cpu"))
     batch_ = (x, torch.randint(0, num_classes, (batch,)), torch.randn(batch, channels, side, side))
     with FlopCounterMode(display=False) as counter:
-        train_step(SeparateForwards(net), net, optimizer, batch_, method=method, num_classes=num_classes, lr=0.01,
-                   consistency_weight=1.0)
+        train_step(StepParts.of(net, optimizer, num_classes), batch_, method=method, lr=0.01, consistency_weight=1.0)
     return parameters, forward, counter.get_total_flops() / 1e9 / batch
 
 

@@ -320,14 +320,15 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
 
     from mgssl.pipelines import build_data
     from mgssl.train import checkpoint as ckpt
+    from mgssl.train import run_state as rs
     from mgssl.train.config import Config, from_dict
 
     checkpoint = checkpoint_path(path)
     state = ckpt.load(checkpoint)
-    if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
-        raise ValueError(f"{checkpoint} has no 'model' and 'config' entries; it is not a checkpoint of "
+    if not isinstance(state.get(rs.MODEL), dict) or not isinstance(state.get(rs.CONFIG), dict):
+        raise ValueError(f"{checkpoint} has no {rs.MODEL!r} and {rs.CONFIG!r} entries; it is not a checkpoint of "
                          "`python -m mgssl.train` (checkpoints/last.pt in a run folder is)")
-    config = dict(state["config"])
+    config = dict(state[rs.CONFIG])
     config["data"] = dict(config.get("data", {}))
     if data_root is not None:
         config["data"]["root"] = str(data_root)
@@ -343,14 +344,14 @@ def restore(path, *, data_root: Optional[str] = None, device: str = "cpu", warn=
     except (KeyError, ValueError) as e:
         raise ValueError(f"the config saved in {checkpoint} does not load with this version of the code "
                          f"({e.args[0] if isinstance(e, KeyError) else e}); evaluate it with the version that "
-                         f"trained it (mgssl {state.get('mgssl_version') or 'version not recorded'}, "
-                         f"git commit {state.get('git_commit') or 'not recorded'})") from e
+                         f"trained it (mgssl {state.get(rs.VERSION) or 'version not recorded'}, "
+                         f"git commit {state.get(rs.GIT_COMMIT) or 'not recorded'})") from e
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     data = build_data(cfg.data, seed=cfg.seed, device=dev)
     net = cfg.model.build(data.num_classes, data.in_channels).to(dev)
     try:
-        net.load_state_dict(state["model"])
+        net.load_state_dict(state[rs.MODEL])
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"the weights in {checkpoint} do not fit its own config's {cfg.model.name} ({first[:200]}); "

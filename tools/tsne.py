@@ -47,6 +47,7 @@ def tsne_figure(paths: list, *, max_points: int = 1000, data_root: Optional[str]
     """The figure and the points of each row: (Figure, [(title, {subset: (points, labels)})])."""
     from mgssl.tools import plots
     from mgssl.tools.runs import method_name, restore
+    from mgssl.train import run_state as rs
 
     rows, num_classes = [], 0
     for i, path in enumerate(paths):
@@ -57,7 +58,7 @@ def tsne_figure(paths: list, *, max_points: int = 1000, data_root: Optional[str]
         cfg = restored.cfg
         title = titles[i] if titles else (f"{(restored.run_dir or restored.checkpoint).name}\n"
                                           f"{method_name(cfg.method.unlabeled, cfg.method.meta, cfg.method.mixup)}, "
-                                          f"step {restored.state.get('step', '?')}")
+                                          f"step {restored.state.get(rs.STEP, '?')}")
         rows.append((title, {s: (p, y) for s, p, (_, y) in zip(SUBSETS, points, feats)}))
     return plots.tsne_panels(rows, num_classes), rows
 

@@ -10,11 +10,9 @@ from typing import Optional
 import torch
 
 from mgssl import runfolder as rf
+from mgssl.train.run_state import RESUME_ENTRIES
 
 LAST = rf.LAST
-# What a checkpoint of `python -m mgssl.train` holds for a resume, and the type of each entry.
-RESUME_ENTRIES = {"model": dict, "optimizer": dict, "step": int, "data": dict, "rng": list, "evals": list,
-                  "config": dict}
 
 
 class CheckpointError(RuntimeError):

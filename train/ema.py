@@ -38,3 +38,9 @@ class WeightsEMA:
     def weights(self) -> dict:
         """The averaged network's own state dict (loads into a network built like the trained one)."""
         return self.module.state_dict()
+
+    @staticmethod
+    def weights_in(state: dict) -> dict:
+        """The averaged network's state dict from a saved state_dict() of this class."""
+        prefix = "module."  # AveragedModel's: module.<name> and n_averaged
+        return {k[len(prefix):]: v for k, v in state["averaged"].items() if k.startswith(prefix)}

@@ -1,12 +1,9 @@
 """The training loop: data -> step -> logs, evaluations and checkpoints, resumable exactly."""
-import random
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -18,13 +15,14 @@ from mgssl.train.backends import BackendFlags, backend_flags
 from mgssl.train.compiling import compiled
 from mgssl.train import distributed as D
 from mgssl.train import rundir
+from mgssl.train import run_state as rs
 from mgssl.train.config import Config, OptimConfig, to_dict
 from mgssl.train.ema import WeightsEMA
 from mgssl.train.evaluate import error_counts, errors_from_counts
 from mgssl.train.metrics import LogWindow, MetricsLog, Progress, summarize_evals
 from mgssl.train.schedule import RunPlan, consistency_weight, learning_rate, plan
 from mgssl.train.pseudo_labels import method_at
-from mgssl.train.step import SeparateForwards, autocast_for, train_step
+from mgssl.train.step import SeparateForwards, StepParts, autocast_for, train_step
 
 
 
@@ -76,39 +74,6 @@ def build_optimizer(net: nn.Module, optim: OptimConfig, device: torch.device) ->
                            nesterov=optim.nesterov, weight_decay=optim.weight_decay, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Random state: torch (CPU and CUDA), numpy and Python, as tensors and plain values so that the
-# checkpoint still loads with torch.load(weights_only=True).
-
-
-def rng_state(device: torch.device) -> dict:
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"cpu": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                       float(np_gauss)]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 @dataclass
 class Training:
     """What the loop works on: built once per start (or resume) of a run."""
@@ -123,10 +88,22 @@ class Training:
     checkpoint_path: Path
     commit: Optional[str]  # None where the code is not a git checkout (an installed package)
     log: Optional[MetricsLog] = None
-    evals: list = field(default_factory=list)
-    window: LogWindow = field(default_factory=LogWindow)
+    evals: rs.EvalHistory = field(default_factory=rs.EvalHistory)
     finite: Optional[torch.Tensor] = None
     ema: Optional[WeightsEMA] = None  # train.ema: the average of the weights, evaluated and saved beside them
+    window: LogWindow = field(init=False)
+    rng: rs.RandomState = field(init=False)
+    rank_buffers: rs.RankBuffers = field(init=False)
+    step_parts: StepParts = field(init=False)  # what every step works with
+
+    def __post_init__(self):
+        self.window = LogWindow(self.d.device)
+        self.rng = rs.RandomState(self.d)
+        self.rank_buffers = rs.RankBuffers(self.net, self.d)
+        self.step_parts = StepParts(self.forwards, self.net, self.optimizer, self.data.num_classes,
+                                    precision=self.cfg.train.precision, scaler=self.scaler,
+                                    reduce_grad=self.reduce_grad, world_size=self.d.world_size,
+                                    before_backward=self.track_finite, compile_meta=self.cfg.train.compile)
 
     @property
     def best_checkpoint_path(self) -> Path:
@@ -158,12 +135,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, argv: Optional[list
 def _run(cfg: Config, run_dir: Path, resume: bool, argv: list[str], d: D.Dist, allow_schedule_change: bool,
          flags: dict) -> dict:
     state = rundir.resume_state(run_dir, resume, cfg, d)
-    start = int(state["step"]) if state is not None else 0
-    seed_everything(cfg.seed * 1000 + d.rank)  # dropout masks and mixup λ differ per rank
+    start = int(state[rs.STEP]) if state is not None else 0
+    rs.seed_everything(cfg.seed * 1000 + d.rank)  # dropout masks and mixup λ differ per rank
     data = build_data(rundir.data_config(cfg.data, run_dir, state), seed=cfg.seed, device=d.device, rank=d.rank,
                       world_size=d.world_size, run_dir=run_dir)
     if state is not None:
-        rundir.check_resume_schedule(state["config"], cfg, start, data.unlabeled_size, allow_schedule_change)
+        rundir.check_resume_schedule(state[rs.CONFIG], cfg, start, data.unlabeled_size, allow_schedule_change)
         rundir.check_same_train_set(state, data.split, run_dir)
     t = build_training(cfg, d, data, run_dir)
     if state is not None:
@@ -241,33 +218,12 @@ def ddp_options(cfg: Config) -> dict:
 
 def restore(t: Training, state: dict) -> None:
     try:
-        _restore(t, state)
+        rs.load(t, state)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ckpt.CheckpointError(f"{t.checkpoint_path} does not fit this run ({first[:200]}); it is damaged or was "
                                    "saved by other code: restore it from a copy, or start a new run in another "
                                    "--out folder") from None
-
-
-def _restore(t: Training, state: dict) -> None:
-    t.net.load_state_dict(state["model"])
-    if len(state.get("rank_buffers", [])) == t.d.world_size:  # saved off the schedule: each rank its own
-        t.net.load_state_dict(state["rank_buffers"][t.d.rank], strict=False)
-    t.optimizer.load_state_dict(state["optimizer"])
-    if t.scaler is not None and "scaler" in state:
-        t.scaler.load_state_dict(state["scaler"])
-    t.data.train.load_state_dict(state["data"])
-    if t.ema is not None:
-        t.ema.load_state_dict(state["ema"])
-    t.evals = list(state["evals"])
-    rngs = state["rng"]
-    if len(rngs) == t.d.world_size:
-        set_rng_state(rngs[t.d.rank], t.d.device)
-    elif t.d.is_main:
-        print(f"resuming on {t.d.world_size} processes from a checkpoint of {len(rngs)}: dropout and mixup "
-              "draws will differ from an uninterrupted run", file=sys.stderr)
-    if "log_window" in state:  # so the first line logged after a resume averages the same steps
-        t.window.load_state_dict(state["log_window"], t.d.device)
 
 
 def one_step(t: Training, lr: float, weight: float, step: int) -> dict:
@@ -276,11 +232,7 @@ def one_step(t: Training, lr: float, weight: float, step: int) -> dict:
     batch = next(t.data.train)
     if t.cfg.model.channels_last:  # a no-op for the pipelines that already deliver NHWC memory
         batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in batch)
-    cfg = t.cfg
-    stats = train_step(t.forwards, t.net, t.optimizer, batch, method=method_at(cfg.method, step),
-                       num_classes=t.data.num_classes, lr=lr, consistency_weight=weight, precision=cfg.train.precision, scaler=t.scaler,
-                       reduce_grad=t.reduce_grad, world_size=t.d.world_size, before_backward=t.track_finite,
-                       compile_meta=cfg.train.compile)
+    stats = train_step(t.step_parts, batch, method=method_at(t.cfg.method, step), lr=lr, consistency_weight=weight)
     if t.ema is not None:
         t.ema.update(t.net)
     if hasattr(t.data.train, "prefetch"):  # GPU pipelines: the next batch is made while this step runs
@@ -330,27 +282,14 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
     BatchNorm statistics as they are and saves them all: aligning them here, where an uninterrupted
     run does not, would change the rest of the run."""
     stop_if_not_finite(t, step)
-    rank_buffers = None
-    if off_schedule and t.d.enabled and not t.cfg.train.sync_bn:
-        rank_buffers = D.gather_objects({k: v.detach().cpu() for k, v in t.net.named_buffers()}, t.d)
-    else:
+    keep_rank_buffers = off_schedule and t.d.enabled and not t.cfg.train.sync_bn
+    if not keep_rank_buffers:
         align_buffers(t)
-    rngs = D.gather_objects(rng_state(t.d.device), t.d)
+    payload = {**rs.collect(t, leave_out=() if keep_rank_buffers else (rs.RANK_BUFFERS,)), **rs.facts(t, step)}
     error: Optional[Exception] = None
     if t.d.is_main:
-        payload = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(), "step": step,
-                   "data": t.data.train.state_dict(), "rng": rngs, "evals": t.evals, "config": to_dict(t.cfg),
-                   "mgssl_version": mgssl.__version__, "git_commit": t.commit, "world_size": t.d.world_size,
-                   "log_window": t.window.state_dict(), "classes": class_names(t.data),
-                   "train_set": {"classes": t.data.split.classes, "sha256": t.data.split.train_sha256}}
-        if t.ema is not None:
-            payload["ema"] = t.ema.state_dict()
-        if t.scaler is not None:
-            payload["scaler"] = t.scaler.state_dict()
-        if rank_buffers is not None:
-            payload["rank_buffers"] = rank_buffers
         try:
-            if not ckpt.all_finite(ckpt.tensors_of(payload["model"], payload["optimizer"])):
+            if not ckpt.all_finite(ckpt.tensors_of(payload[rs.MODEL], payload[rs.OPTIMIZER])):
                 raise NonFiniteLossError(f"the weights or optimiser state hold NaN or inf at step {step}; "
                                          f"not saving over the last good checkpoint {t.checkpoint_path}")
             ckpt.save_atomic(payload, t.checkpoint_path)
@@ -359,11 +298,6 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
     if D.any_rank(error is not None, t.d):  # every rank stops together, not just the one that failed
         raise error if error is not None else ckpt.CheckpointError(
             f"rank 0 could not write {t.checkpoint_path}; see its message")
-
-
-def class_names(data) -> list[str]:
-    """The data set's class names (folder names for image folders), else the class numbers."""
-    return list(getattr(data, "classes", None) or [str(c) for c in range(data.num_classes)])
 
 
 def _errors(t: Training, net: nn.Module, subset: str, autocast) -> dict:
@@ -404,9 +338,9 @@ def save_best(t: Training, result: dict) -> None:
     (the first of equal ones), with what predicting and exporting need."""
     error: Optional[Exception] = None
     if t.d.is_main:
-        payload = {"model": t.net.state_dict(), "step": result["step"], "config": to_dict(t.cfg),
-                   "classes": class_names(t.data), "val_error": result["val_error"],
-                   "test_error": result["top1_error"], "git_commit": t.commit}
+        payload = {rs.MODEL: t.net.state_dict(), rs.STEP: result["step"], rs.CONFIG: to_dict(t.cfg),
+                   rs.CLASSES: rs.class_names(t.data), rs.VAL_ERROR: result["val_error"],
+                   rs.TEST_ERROR: result["top1_error"], rs.GIT_COMMIT: t.commit}
         try:
             ckpt.save_atomic(payload, t.best_checkpoint_path)
         except ckpt.CheckpointError as e:
@@ -430,7 +364,7 @@ def summarize(t: Training, schedule: RunPlan) -> dict:
             "mgssl_version": mgssl.__version__, "git_commit": t.commit,
             "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
             "epochs": round(data.train.unlabeled_epoch, 4), "weights_sha256": fingerprints[0],
-            "weights_sha256_per_rank": fingerprints, "classes": class_names(data),
+            "weights_sha256_per_rank": fingerprints, "classes": rs.class_names(data),
             **kept_model_summary(t.evals, t.ema is not None)}
 
 

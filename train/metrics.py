@@ -162,7 +162,8 @@ class LogWindow:
     consistency term). The speed counts only the steps this process timed: a window restored from a
     checkpoint carries steps run before the resume, which its timer never saw."""
 
-    def __init__(self):
+    def __init__(self, device="cpu"):
+        self.device = device  # where the sums live: a restored window moves there
         self.sums: dict = {}
         self.seen: dict[str, int] = {}
         self.count = 0  # steps in the window
@@ -184,7 +185,7 @@ class LogWindow:
         return self.timed / max(time.perf_counter() - self.tick, 1e-9)
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.device)
 
     def restart_timer(self) -> None:
         self.timed, self.tick = 0, time.perf_counter()
@@ -192,8 +193,8 @@ class LogWindow:
     def state_dict(self) -> dict:
         return {"count": self.count, "seen": dict(self.seen), "sums": {k: v.detach().cpu() for k, v in self.sums.items()}}
 
-    def load_state_dict(self, state: dict, device) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.count = int(state["count"])
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
         self.seen = {k: int(state.get("seen", {}).get(k, self.count)) for k in self.sums}
         self.restart_timer()

@@ -22,6 +22,7 @@ from mgssl import runfolder as rf
 from mgssl.pipelines import DataConfig, LabelSplit
 from mgssl.train import checkpoint as ckpt
 from mgssl.train import distributed as D
+from mgssl.train import run_state as rs
 from mgssl.train.config import Config, config_diff, from_dict, keys_marked, normalized, to_dict
 from mgssl.train.runlock import RunFolderError, lock_run_folder
 from mgssl.train.schedule import learning_rate, plan
@@ -102,11 +103,11 @@ def resume_state(run_dir: Path, resume: bool, cfg: Config, d: D.Dist) -> Optiona
                                      "to continue from; choose another --out folder")
             return None
         state = ckpt.check_resumable(ckpt.load(last), last)
-        check_resume_config(state["config"], cfg)
+        check_resume_config(state[rs.CONFIG], cfg)
         return state
 
     state = agree(d, decide)
-    start = int(state["step"]) if state is not None else 0
+    start = int(state[rs.STEP]) if state is not None else 0
     starts = D.gather_objects(start, d)
     if len(set(starts)) != 1:
         raise ValueError(f"the ranks found different checkpoints in {run_dir} (steps {starts}): --out must be a "
@@ -144,10 +145,9 @@ def check_resume_schedule(saved: dict, cfg: Config, start: int, unlabeled_size: 
 
 def check_same_train_set(state: dict, split: LabelSplit, run_dir: Path) -> None:
     """A resume trains on the images, labels and class names the checkpoint was trained on."""
-    saved = state.get("train_set") or {}
-    classes = saved.get("classes")
+    classes, sha256 = rs.saved_train_set(state)
     saved_split = LabelSplit(split.dataset, split.train_size, split.seed, split.labeled,
-                             None if classes is None else tuple(classes), saved.get("sha256"))
+                             None if classes is None else tuple(classes), sha256)
     try:
         saved_split.check_same_train_set(split.classes, split.train_sha256, str(run_dir / rf.CHECKPOINT))
     except ValueError as e:

@@ -3,6 +3,7 @@ labeled-only baseline. Algorithm 2 is meta + mixup.
 
 The step returns device tensors and never reads them back: the caller decides when to sync."""
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -43,43 +44,49 @@ def mixup_ratios(gamma: float, batch: int, device: torch.device) -> torch.Tensor
     return torch._sample_dirichlet(concentration)[:, 0]
 
 
-def train_step(
-    forwards: nn.Module,
-    meta_net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    *,
-    method: MethodConfig,
-    num_classes: int,
-    lr: float,
-    consistency_weight: float,
-    precision: str = "fp32",
-    scaler: Optional[torch.amp.GradScaler] = None,
-    reduce_grad: Optional[GradReducer] = None,
-    world_size: int = 1,
-    before_backward: Optional[Callable[[torch.Tensor], None]] = None,
-    fd_batched: bool = False,
-    compile_meta: Union[bool, str] = False,
-) -> dict[str, torch.Tensor]:
-    """One step of SGD on labeled batch (x_l, y_l) and unlabeled batch x_u.
+@dataclass(frozen=True)
+class StepParts:
+    """What every step of a run works with, fixed for the run (engine.build_training builds it once).
 
     forwards: SeparateForwards around the network (wrapped in DDP under torchrun), in train mode.
     meta_net: the plain network, for the meta part (no gradient synchronisation needed there).
     fd_batched: run fd's eval-mode passes as one vmapped call (see train.meta.batched_probs); off by
     default because on the CPU the grouped convolutions it makes are slower (docs/PERF.md).
     compile_meta: torch.compile the meta part's passes in this train.compile mode (pass it with
-    `forwards` compiled in the same mode: under CUDA graphs the step marks its beginning for both).
+    `forwards` compiled in the same mode: under CUDA graphs the step marks its beginning for both)."""
+    forwards: nn.Module
+    meta_net: nn.Module
+    optimizer: torch.optim.Optimizer
+    num_classes: int
+    precision: str = "fp32"
+    scaler: Optional[torch.amp.GradScaler] = None
+    reduce_grad: Optional[GradReducer] = None
+    world_size: int = 1
+    before_backward: Optional[Callable[[torch.Tensor], None]] = None
+    fd_batched: bool = False
+    compile_meta: Union[bool, str] = False
+
+    @classmethod
+    def of(cls, net: nn.Module, optimizer: torch.optim.Optimizer, num_classes: int, **options) -> "StepParts":
+        """The parts of a single process training `net` uncompiled."""
+        return cls(SeparateForwards(net), net, optimizer, num_classes, **options)
+
+
+def train_step(parts: StepParts, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, method: MethodConfig,
+               lr: float, consistency_weight: float) -> dict[str, torch.Tensor]:
+    """One step of SGD on labeled batch (x_l, y_l) and unlabeled batch x_u, at this step's method (a
+    schedule may switch the meta part's precision), learning rate and consistency weight.
     Returns detached scalar tensors for logging."""
     x_l, y_l, x_u = batch
     device = x_l.device
-    autocast = autocast_for(device, precision)
+    autocast = autocast_for(device, parts.precision)
     stats: dict[str, torch.Tensor] = {}
-    begin_step(compile_meta, device)
+    begin_step(parts.compile_meta, device)
 
     if method.unlabeled:
-        y_hat, stats = pseudo_labels(meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
-                                     reduce_grad=reduce_grad, world_size=world_size, fd_batched=fd_batched,
-                                     compile_meta=compile_meta)
+        y_hat, stats = pseudo_labels(parts.meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
+                                     reduce_grad=parts.reduce_grad, world_size=parts.world_size,
+                                     fd_batched=parts.fd_batched, compile_meta=parts.compile_meta)
 
     with autocast:
         # The unlabeled batch gets its own train-mode forward only when the run has a consistency term:
@@ -87,13 +94,13 @@ def train_step(
         # BatchNorm statistics. The first step of a ramp (weight 0 there) keeps it, as their meta script.
         with_consistency = method.unlabeled and method.consistency_weight != 0
         if not method.unlabeled or not method.mixup:
-            logits_l, *logits_u = forwards(x_l, x_u) if with_consistency else forwards(x_l)
+            logits_l, *logits_u = parts.forwards(x_l, x_u) if with_consistency else parts.forwards(x_l)
             loss_cls = F.cross_entropy(fp32_or_wider(logits_l), y_l)
         else:
             lam = mixup_ratios(method.mixup_gamma, x_l.shape[0], device)  # (B,)
-            onehot = one_hot(y_l, num_classes, y_hat.dtype)
+            onehot = one_hot(y_l, parts.num_classes, y_hat.dtype)
             x_in, y_in = mixup_pairs(x_l, onehot, x_u, y_hat, lam)
-            logits_in, *logits_u = forwards(x_in, x_u) if with_consistency else forwards(x_in)
+            logits_in, *logits_u = parts.forwards(x_in, x_u) if with_consistency else parts.forwards(x_in)
             loss_cls = soft_target_kl(logits_in, y_in)
         loss = loss_cls
         if with_consistency:
@@ -101,8 +108,9 @@ def train_step(
             stats["loss_consistency"] = loss_cons.detach()
             loss = loss_cls + consistency_weight * loss_cons
 
-    if before_backward is not None:
-        before_backward(loss)
+    if parts.before_backward is not None:
+        parts.before_backward(loss)
+    optimizer, scaler = parts.optimizer, parts.scaler
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
