@@ -53,8 +53,7 @@ class PairedBatches:
     def _to_device(self, idx: torch.Tensor) -> torch.Tensor:
         dev = self.labeled_idx.device
         if dev.type == "cuda":
-            # From pageable memory a "non-blocking" copy is staged synchronously; from pinned memory
-            # it is queued on the stream and the host moves on.
+            # only a copy from pinned memory is queued without blocking the host
             idx = idx.pin_memory()
         return idx.to(dev, non_blocking=True)
 
@@ -65,8 +64,7 @@ class PairedBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         li = self.labeled_idx[self._to_device(self.labeled.next_batch())]
         ui = self.unlabeled_idx[self._to_device(self.unlabeled.next_batch())]
-        # The augmentation seed is a function of (seed, rank, batch number): resuming needs no RNG state.
-        # Taken modulo 2**64, the generator's range, so that every accepted seed (up to 2**32 - 1) works.
+        # seeded by (seed, rank, batch number) so a resume needs no RNG state; mod 2**64 keeps every seed in range
         self.gen.manual_seed(((self.seed * 7919 + self.rank) * 1_000_003 + self.batches) % 2**64)
         self.batches += 1
         return self._augment(li), self.train.labels[li], self._augment(ui)  # (B,C,H,W), (B,), (B,C,H,W)

@@ -39,8 +39,7 @@ class Prefetched:
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self.stream)
         for t in batch:
-            # The caching allocator must not hand this memory back to the side stream while the
-            # compute stream still reads it.
+            # keeps the allocator from reusing this memory on the side stream while compute still reads it
             t.record_stream(compute)
         return batch
 

@@ -57,9 +57,7 @@ SHAPES = {
     "digits_cnn": (10, 1, 8),
 }
 
-# Dense peak rates in TFLOP/s assumed for model FLOP utilisation when --peak-tflops is not given.
-# H100 SXM datasheet: bf16/fp16 tensor cores 989.4, TF32 494.7 (cuDNN convolutions use TF32 by
-# default, so that is the fp32 ceiling the step can reach). The H200 has the same compute.
+# dense peak TFLOP/s from the H100 SXM datasheet (fp32 convolutions run as TF32); the H200 computes the same
 GPU_PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
                    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}}
 

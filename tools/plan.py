@@ -41,8 +41,7 @@ class Rate:
 # Published figures for an H100 SXM node, each with where it comes from.
 H100 = {
     "peak_tflops": Rate(989.4, "TFLOP/s", "published", "H100 SXM datasheet, dense bf16 tensor cores"),
-    # NVIDIA's ResNet-50 v1.5 PyTorch reference (DeepLearningExamples, AMP, batch 256): 2,470 images/s
-    # on one A100; its utilisation (3 forward-equivalents per image, FLOPs counted here) carried to H100.
+    # NVIDIA's ResNet-50 v1.5 reference (AMP, batch 256) on one A100; its utilisation is carried to H100
     "reference_images_per_s": Rate(2470, "images/s", "published",
                                    "NVIDIA DeepLearningExamples ResNet-50 v1.5, one A100, AMP"),
     "reference_peak_tflops": Rate(312.0, "TFLOP/s", "published", "A100 datasheet, dense bf16 tensor cores"),

@@ -23,9 +23,7 @@ def not_the_experiment() -> tuple[str, ...]:
     return keys_marked("not_experiment")
 # The switches that Table 4 varies, and the baseline switch.
 VARIANT_KEYS = ("method.unlabeled", "method.meta", "method.mixup")
-# The rows of an ablation study: the labeled-only baseline and Table 4's rows 1-4, each as the
-# `--set` overrides of `python -m mgssl.train` that make it from a config that switches meta and mixup on
-# (every config in configs/ does). tools.ablation trains them into folders named <row>-s<seed>.
+# the labeled-only baseline and Table 4's rows 1-4 as `--set` overrides of a config with meta and mixup on
 TABLE4_ROWS = {
     "labeled": ("method.unlabeled=false", "method.meta=false", "method.mixup=false"),
     "none": ("method.meta=false", "method.mixup=false"),  # row 1: consistency only

@@ -190,8 +190,7 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# YAML 1.1, which PyYAML speaks, reads `1e-3` and `4e5` as strings (it wants a dot and a signed
-# exponent). A number written like that is still a number wherever the config expects one.
+# PyYAML (YAML 1.1) reads `1e-3` as a string; where the config expects a number it is still one
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -292,8 +291,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-# A config is a few dozen keys: these bounds refuse a file that is not one (/dev/zero, a "billion
-# laughs" of aliases) in a blink, with a short message, instead of filling the memory.
+# a config is a few dozen keys: refuse /dev/zero or an alias bomb at once instead of filling the memory
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_VALUES = 100_000
 _SHORT = reprlib.Repr()

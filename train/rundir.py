@@ -27,8 +27,7 @@ from mgssl.train.config import Config, config_diff, from_dict, keys_marked, norm
 from mgssl.train.runlock import RunFolderError, lock_run_folder
 from mgssl.train.schedule import learning_rate, plan
 
-# Keys a resumed run may change (field metadata runfolder.RESUMABLE): they do not alter what is
-# trained. train.steps and train.epochs are further checked against the schedule of the finished steps.
+# keys a resume may change (train.steps/epochs are also checked against the finished steps' schedule)
 RESUMABLE_CHANGES = keys_marked("resumable")
 # SIGHUP: a closed terminal or a dropped ssh session stops the run as SIGTERM does, with a checkpoint.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
