@@ -79,7 +79,7 @@ def train_step(
     if method.unlabeled:
         y_hat, stats = pseudo_labels(meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
                                      reduce_grad=reduce_grad, world_size=world_size, fd_batched=fd_batched,
-                                     compile_meta=compile_meta)
+                                     compile_meta=compile_meta, scaler=scaler)
 
     with autocast:
         # The unlabeled batch gets its own train-mode forward only when the run has a consistency term:
