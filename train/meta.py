@@ -240,6 +240,15 @@ def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint, ba
                                                      batched, replay, center)
 
 
+def fd_passes(model: nn.Module, g: list[torch.Tensor], x_u: torch.Tensor, *, eps: float = 0.01,
+              midpoint: bool = False, batched: bool = False):
+    """fd's passes alone for a given g, in fp32 as training runs them: (ỹ, J·g, ||g||). For timing
+    the separate calls against the batched one (tools.bench_fd)."""
+    names, params, buffers = _state(model)
+    with _frozen_batchnorm_stats(model):
+        return _fd(model, names, params, buffers, g, x_u, eps, True, midpoint, batched, False)
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
