@@ -96,14 +96,13 @@ def print_table(s: dict) -> None:
         print(f"batched / sequential, {sets} sets: {ratio:.3f} ({'faster' if ratio < 1 else 'slower'} batched)")
 
 
-def main(argv=None) -> dict:
-    args_json = "--json" in (sys.argv[1:] if argv is None else argv)
+def main(argv=None) -> int:
     s = run_bench(argv)
     print_table(s)
-    if args_json:
+    if "--json" in (sys.argv[1:] if argv is None else argv):
         print(json.dumps(s))
-    return s
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

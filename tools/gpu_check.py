@@ -258,10 +258,7 @@ def check_engine_syncs(plan: Plan, root: Optional[Path], work: Path) -> list[Row
     if dist.is_initialized():
         return [Row("host syncs / engine step", backend, "skipped: a process group already exists",
                     status="skipped")]
-    try:
-        cfg = engine_config(plan, root)
-    except ImportError as e:  # the digits need scikit-learn
-        return [Row("host syncs / engine step", "-", f"skipped: {e}; pass --cifar DIR", status="skipped")]
+    cfg = engine_config(plan, root)
     setting = (f"engine.one_step, {cfg.data.name} {cfg.model.name} {cfg.train.precision}, DDP on 1 process "
                f"({backend}), g all-reduced{' in bf16' if cfg.method.grad_reduce_dtype == 'bf16' else ''}"
                f"{', prefetch' if plan.device.type == 'cuda' else ''}")
@@ -272,7 +269,10 @@ def check_engine_syncs(plan: Plan, root: Optional[Path], work: Path) -> list[Row
         run_dir = work / "engine-step"
         run_dir.mkdir(parents=True, exist_ok=True)
         engine.seed_everything(cfg.seed)
-        data = build_data(cfg.data, seed=cfg.seed, device=d.device, rank=0, world_size=1, run_dir=run_dir)
+        try:
+            data = build_data(cfg.data, seed=cfg.seed, device=d.device, rank=0, world_size=1, run_dir=run_dir)
+        except ImportError as e:  # the digits need scikit-learn
+            return [Row("host syncs / engine step", setting, f"skipped: {e}; pass --cifar DIR", status="skipped")]
         t = engine.build_training(cfg, d, data, run_dir)
         t.net.train()
         done = [0]
@@ -309,11 +309,12 @@ def ddp_bookkeeping_reads(t, cfg, device: torch.device, steps: int) -> int:
     steps, as train.host_syncs counts them."""
     import copy
 
-    from mgssl.train import engine
+    from mgssl.train.engine import ddp_options
     from mgssl.train.host_syncs import count_host_syncs
+    from mgssl.train.step import SeparateForwards
 
     net = copy.deepcopy(t.net)
-    bare = torch.nn.parallel.DistributedDataParallel(engine.SeparateForwards(net), **engine.ddp_options(cfg))
+    bare = torch.nn.parallel.DistributedDataParallel(SeparateForwards(net), **ddp_options(cfg))
     x = next(iter(t.data.eval_batches("test")))[0][:2].to(device)
 
     def step():
