@@ -22,6 +22,7 @@ COMMANDS = {
     "report": Command("mgssl.tools.report", "markdown report, figures and paired tests of finished runs"),
     "bench": Command("mgssl.tools.bench", "throughput of the training step per method"),
     "bench-data": Command("mgssl.tools.bench_data", "images per second and gaps between batches of each data pipeline"),
+    "bench-fd": Command("mgssl.tools.bench_fd", "fd's ±εg passes: separate calls against one batched call"),
     "plan": Command("mgssl.tools.plan", "a run's counts and predicted wall time from measured or published rates"),
     "fidelity": Command("mgssl.tools.fidelity", "how faithful the meta-gradient is under bf16/fp16"),
     "tsne": Command("mgssl.tools.tsne", "t-SNE of a network's features (the paper's Figure 3)"),

@@ -562,32 +562,65 @@ class PairedFileBatches:
         self.unlabeled.load_state_dict(state["unlabeled"])
 
 
+class EvalBatches:
+    """The evaluation batches of one file list, from one DALI pipeline built at the first evaluation
+    and kept for the later ones: each evaluation reads one epoch of its reader, which pads the last
+    batch, so every epoch starts at the first file. A file found undecodable, or an evaluation left
+    before its end, makes the next evaluation build a new pipeline (without the files known bad)."""
+
+    def __init__(self, files: Sequence[str], labels: np.ndarray, transform: Transform, *, batch_size: int,
+                 device: torch.device, num_threads: int = 2, corrupt: Optional[CorruptFiles] = None,
+                 decoder: DecoderSettings = DecoderSettings()):
+        self.files, self.labels = list(files), np.asarray(labels, dtype=np.int64)
+        self.transform, self.batch_size, self.device = transform, batch_size, device
+        self.num_threads, self.decoder = num_threads, decoder
+        self.corrupt = corrupt or CorruptFiles("error")
+        self.builds = 0  # pipelines built so far
+        self._kept: Optional[tuple[list[int], object]] = None  # (the files it reads, the pipeline)
+
+    def _pipeline(self, todo: list[int]):
+        if self._kept is not None and self._kept[0] == todo:
+            return self._kept[1]
+        self._kept = None
+        self.builds += 1
+        return build_pipeline([self.files[i] for i in todo], self.labels[todo], self.transform,
+                              batch_size=self.batch_size, device_id=_device_id(self.device),
+                              num_threads=self.num_threads, decoder=self.decoder)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) batches of the files in order, each file once; undecodable files are dropped (skip)
+        or stop the evaluation with their name (error)."""
+        files, batch_size = self.files, self.batch_size
+        keep = [i for i, f in enumerate(files) if f not in self.corrupt.known]
+        done = 0  # images of `keep` already yielded
+        while done < len(keep):
+            todo = keep[done:]
+            pipe = self._pipeline(todo)
+            self._kept = None  # given back below only once its epoch is read to the end
+            try:
+                for start in range(0, len(todo), batch_size):
+                    images, y = pipe.run()
+                    x, y = to_torch(images, y, device=self.device)
+                    n = min(batch_size, len(todo) - start)  # the reader pads the last batch by repetition
+                    done += n
+                    yield x[:n], y[:n]
+            except Exception as e:
+                if isinstance(e, CorruptImageError):
+                    raise
+                del pipe
+                candidates = [files[i] for i in keep[done:done + (1 + PREFETCH) * batch_size]]
+                found = find_undecodable(candidates)
+                self.corrupt.report(found, candidates, e)
+                bad = set(found)
+                keep = keep[:done] + [i for i in keep[done:] if files[i] not in bad]
+                continue
+            if len(todo) == len(keep):  # it read the whole list: the next evaluation starts it again
+                self._kept = (todo, pipe)
+
+
 def eval_batches(files: Sequence[str], labels: np.ndarray, transform: Transform, *, batch_size: int,
                  device: torch.device, num_threads: int = 2, corrupt: Optional[CorruptFiles] = None,
                  decoder: DecoderSettings = DecoderSettings()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches of `files` in order, each file once; undecodable files are dropped (skip) or
-    stop the evaluation with their name (error)."""
-    corrupt = corrupt or CorruptFiles("error")
-    files, labels = list(files), np.asarray(labels, dtype=np.int64)
-    keep = [i for i, f in enumerate(files) if f not in corrupt.known]
-    done = 0  # images of `keep` already yielded
-    while done < len(keep):
-        todo = keep[done:]
-        pipe = build_pipeline([files[i] for i in todo], labels[todo], transform, batch_size=batch_size,
-                              device_id=_device_id(device), num_threads=num_threads, decoder=decoder)
-        try:
-            for start in range(0, len(todo), batch_size):
-                images, y = pipe.run()
-                x, y = to_torch(images, y, device)
-                n = min(batch_size, len(todo) - start)  # the reader pads the last batch by repetition
-                done += n
-                yield x[:n], y[:n]
-        except Exception as e:
-            if isinstance(e, (GeneratorExit, CorruptImageError)):
-                raise
-            del pipe
-            candidates = [files[i] for i in keep[done:done + (1 + PREFETCH) * batch_size]]
-            found = find_undecodable(candidates)
-            corrupt.report(found, candidates, e)
-            bad = set(found)
-            keep = keep[:done] + [i for i in keep[done:] if files[i] not in bad]
+    """One pass of (x, y) batches of `files` in order, from a pipeline of its own (`EvalBatches`)."""
+    return EvalBatches(files, labels, transform, batch_size=batch_size, device=device, num_threads=num_threads,
+                       corrupt=corrupt, decoder=decoder).batches()

@@ -7,8 +7,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from mgssl.pipelines.dali import CorruptFiles, DecoderSettings, FileStream, PairedFileBatches, Transform, \
-    eval_batches
+from mgssl.pipelines.dali import CorruptFiles, DecoderSettings, EvalBatches, FileStream, PairedFileBatches, \
+    Transform
 from mgssl.pipelines.folders import FileDataset
 from mgssl.pipelines.prefetch import Prefetched
 from mgssl.pipelines.splits import LabelSplit
@@ -28,6 +28,7 @@ class ImageFolderData:
         self.eval_batch = max(1, eval_batch // world_size)
         self.eval_transform = Transform("eval", image_size, resize_size)
         self.corrupt = CorruptFiles(on_corrupt, run_dir)  # every rank appends what it finds
+        self.evaluations: dict[str, EvalBatches] = {}  # per subset, built at its first evaluation and kept
         # Images without labels follow the training images in one file list, with the label -1.
         files = list(data.train_files) + list(unlabeled_files)
         labels = np.concatenate([data.train_labels, np.full(len(unlabeled_files), -1, dtype=np.int64)])
@@ -58,11 +59,12 @@ class ImageFolderData:
         raise ValueError(f"unknown subset {subset!r}; choose test, validation, labeled or unlabeled")
 
     def eval_batches(self, subset: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of `subset` (every world_size-th file), centre-cropped, in order."""
-        files, labels = self._subset(subset)
-        mine = files[self.rank::self.world_size]
-        if not mine:
-            return iter(())
-        return eval_batches(mine, labels[self.rank::self.world_size], self.eval_transform,
-                            batch_size=self.eval_batch, device=self.device, num_threads=self.num_threads,
-                            corrupt=self.corrupt, decoder=self.decoder)
+        """This rank's share of `subset` (every world_size-th file), centre-cropped, in order, from the
+        subset's one pipeline of the run."""
+        if subset not in self.evaluations:
+            files, labels = self._subset(subset)
+            self.evaluations[subset] = EvalBatches(
+                files[self.rank::self.world_size], labels[self.rank::self.world_size], self.eval_transform,
+                batch_size=self.eval_batch, device=self.device, num_threads=self.num_threads, corrupt=self.corrupt,
+                decoder=self.decoder)
+        return self.evaluations[subset].batches()

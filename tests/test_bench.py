@@ -127,3 +127,27 @@ def test_the_fidelity_of_a_zero_meta_gradient_is_undefined_not_zero():
 
     assert math.isnan(cosine(torch.zeros(3), torch.ones(3))) and math.isnan(cosine(torch.ones(3), torch.zeros(3)))
     assert cosine(torch.ones(3), 2 * torch.ones(3)) == pytest.approx(1.0)
+
+
+def test_bench_fd_times_the_separate_and_the_batched_passes_interleaved(capsys):
+    from mgssl.tools import bench_fd
+
+    assert bench_fd.main(["--model", "digits_cnn", "--device", "cpu", "--batch-size", "4", "--rounds", "3",
+                          "--warmup", "0", "--threads", "1", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = {"sequential 3 sets", "batched 3 sets", "sequential 2 sets", "batched 2 sets"}
+    assert set(s["median_ms"]) == set(s["spread"]) == names
+    for sets in ("3", "2"):
+        assert s["batched_over_sequential"][sets] == pytest.approx(
+            s["median_ms"][f"batched {sets} sets"] / s["median_ms"][f"sequential {sets} sets"])
+    assert s["model"] == "digits_cnn" and s["rounds"] == 3 and s["threads"] == 1
+
+
+def test_bench_fd_refuses_to_time_batched_passes_that_compute_something_else(monkeypatch):
+    import mgssl.train.meta as meta
+    from mgssl.tools import bench_fd
+
+    real = meta.batched_probs
+    monkeypatch.setattr(meta, "batched_probs", lambda *a: real(*a).flip(0))  # θ+εg and θ−εg swapped
+    with pytest.raises(SystemExit, match="differ"):
+        bench_fd.main(["--model", "digits_cnn", "--device", "cpu", "--batch-size", "4", "--rounds", "1", "--warmup", "0"])

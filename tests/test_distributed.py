@@ -154,9 +154,13 @@ WORKER = textwrap.dedent("""
     net = build_model("digits_cnn", 10, 1).double().eval()
     x_l, y_l, x_u = torch.randn(8, 1, 8, 8).double(), torch.randint(0, 10, (8,)), torch.randn(6, 1, 8, 8).double()
     mine = slice(4 * rank, 4 * rank + 4)
-    out = meta_targets(net, x_l[mine], y_l[mine], x_u, estimator="fd", eps=0.01,
-                       reduce_grad=lambda g: D.average_grads(g, 2))
-    torch.save({"jg": out.jg, "grad_norm": out.grad_norm}, f"{sys.argv[1]}/rank{rank}.pt")
+    saved = {}
+    for estimator in ("fd", "jvp"):
+        for name, reducer in (("blocking", D.average_grads), ("overlapped", D.start_average_grads)):
+            out = meta_targets(net, x_l[mine], y_l[mine], x_u, estimator=estimator, eps=0.01,
+                               reduce_grad=lambda g: reducer(g, 2))
+            saved[f"{estimator}-{name}"] = {"jg": out.jg, "grad_norm": out.grad_norm, "p": out.pseudo_labels}
+    torch.save(saved, f"{sys.argv[1]}/rank{rank}.pt")
     dist.destroy_process_group()
 """)
 
@@ -183,8 +187,11 @@ def test_the_labeled_gradient_is_averaged_over_ranks_before_epsilon(tmp_path, su
     half = meta_targets(net, x_l[:4], y_l[:4], x_u, estimator="fd", eps=0.01)  # what a rank alone would use
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert torch.allclose(got["grad_norm"], whole.grad_norm, rtol=1e-10)
-        assert torch.allclose(got["jg"], whole.jg, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(got["fd-blocking"]["grad_norm"], whole.grad_norm, rtol=1e-10)
+        assert torch.allclose(got["fd-blocking"]["jg"], whole.jg, rtol=1e-6, atol=1e-9)
+        for estimator in ("fd", "jvp"):  # g's all-reduce started early and waited for late: the same numbers
+            for key, value in got[f"{estimator}-blocking"].items():
+                assert torch.equal(value, got[f"{estimator}-overlapped"][key]), (estimator, key)
     assert not torch.allclose(half.jg, whole.jg, rtol=1e-2)  # a per-rank g would be told apart
 
 
@@ -221,54 +228,89 @@ def test_workers_of_a_restart_agree_on_a_fresh_name_despite_a_stale_one(tmp_path
     assert len(set(names.values())) == 1 and names[0] != "dead-attempt" and len(names) == 3
 
 
-def _ddp_steps(rank: int, store_path: str, options: dict, out: str) -> None:
-    """Two meta+mixup steps of digits_cnn under DDP with `options`, rank `rank` of 2 (gloo), each rank
-    on its own batch; rank 0 saves the weights."""
+def _ddp_steps(rank: int, store_path: str, path: str, out: str) -> None:
+    """Three meta+mixup steps of digits_cnn on 2 ranks (gloo), each rank on its own batch; rank 0 saves
+    the weights (and, compiled, how many graphs were compiled). `path`: "before" is the wrapping the
+    engine used before (SeparateForwards inside DDP, DDP's default switches); "engine" is
+    engine.training_forwards; "compiled" the same with train.compile=default, captured by AOT autograd
+    (inductor's code generation takes minutes on the CPU) and with small buckets, so that DDP's
+    graph split has several buckets to split at."""
     import torch.distributed as dist
 
     from mgssl.model import build_model
-    from mgssl.train.config import MethodConfig
-    from mgssl.train.distributed import average_grads
+    from mgssl.train import engine
+    from mgssl.train.config import MethodConfig, load_config
+    from mgssl.train.distributed import Dist, average_grads
     from mgssl.train.step import SeparateForwards, StepParts, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    graphs = []
     try:
         torch.manual_seed(0)
         net = build_model("digits_cnn", 10, 1)
-        forwards = torch.nn.parallel.DistributedDataParallel(SeparateForwards(net), **options)
+        if path == "before":
+            forwards = torch.nn.parallel.DistributedDataParallel(SeparateForwards(net))
+        else:
+            cfg = load_config("digits", ("train.compile=default",) if path == "compiled" else ())
+            if path == "compiled":
+                from torch._dynamo.backends.debugging import aot_eager
+
+                def counted(gm, inputs):
+                    graphs.append(gm)
+                    return aot_eager(gm, inputs)
+
+                real_compile, real_options = torch.compile, engine.ddp_options
+                torch.compile = lambda fn, mode=None, **kwargs: real_compile(fn, backend=counted)
+                engine.ddp_options = lambda cfg: {**real_options(cfg), "bucket_cap_mb": 0.02}
+                dist._DEFAULT_FIRST_BUCKET_BYTES = 8192  # the first bucket (1 MB) would hold the whole network
+            forwards = engine.training_forwards(net, cfg, Dist(rank, 2))
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         parts = StepParts(forwards, net, optimizer, 10, reduce_grad=lambda g: average_grads(g, 2), world_size=2)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         torch.manual_seed(10 + rank)  # and its own mixup draws
-        for _ in range(2):
+        for _ in range(3):  # under static_graph DDP fixes its buckets after the first step
             batch = (torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen),
                      torch.randn(4, 1, 8, 8, generator=gen))
             train_step(parts, batch, method=MethodConfig(), lr=0.1, consistency_weight=1.0)
         if rank == 0:
-            torch.save(net.state_dict(), out)
+            torch.save({"weights": net.state_dict(), "graphs": len(graphs)}, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_the_ddp_switches_train_to_the_same_weights_as_ddp_defaults(tmp_path):
+def _train_on_two_ranks(tmp_path, path: str) -> dict:
     import torch.multiprocessing as mp
 
+    out = tmp_path / f"{path}.pt"
+    mp.spawn(_ddp_steps, args=(str(tmp_path / f"{path}.store"), path, str(out)), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def test_the_engine_ddp_wrapping_and_switches_train_to_the_weights_of_plain_ddp(tmp_path):
+    """DDP inside the compiled module, static_graph, bucket views and no buffer broadcast under SyncBN
+    change how the gradients travel, not what they are."""
+    from mgssl.model import build_model
     from mgssl.train.config import load_config
     from mgssl.train.engine import ddp_options
 
-    weights = {}
-    for name, options in (("defaults", {}), ("engine", ddp_options(load_config("digits")))):
-        out = tmp_path / f"{name}.pt"
-        mp.spawn(_ddp_steps, args=(str(tmp_path / f"{name}.store"), options, str(out)), nprocs=2, join=True)
-        weights[name] = torch.load(out, weights_only=True)
-    from mgssl.model import build_model
-
+    assert ddp_options(load_config("digits"))["static_graph"]
+    before, engine = (_train_on_two_ranks(tmp_path, path)["weights"] for path in ("before", "engine"))
     torch.manual_seed(0)
     start = build_model("digits_cnn", 10, 1).state_dict()
-    for key, value in weights["defaults"].items():
-        assert torch.equal(value, weights["engine"][key]), key
-    assert any(not torch.equal(weights["engine"][k], v) for k, v in start.items())  # the steps trained
+    for key, value in before.items():
+        assert torch.equal(value, engine[key]), key
+    assert any(not torch.equal(engine[k], v) for k, v in start.items())  # the steps trained
+
+
+@pytest.mark.slow
+def test_compiled_ddp_is_split_at_its_buckets_and_trains_to_the_weights_of_plain_ddp(tmp_path):
+    before, compiled = (_train_on_two_ranks(tmp_path, path) for path in ("before", "compiled"))
+    # The forwards' graph in pieces at the buckets' boundaries; unsplit, the two forwards of a step
+    # would be one graph (the meta part is not compiled here).
+    assert compiled["graphs"] >= 3
+    for key, value in before["weights"].items():
+        assert torch.allclose(value, compiled["weights"][key], rtol=1e-5, atol=1e-7), key
 
 
 def _rank_grads(rank: int) -> list:

@@ -126,5 +126,5 @@ def test_ddp_keeps_the_buffer_broadcast_unless_syncbatchnorm_aligns_the_statisti
 
     plain = ddp_options(load_config("digits"))
     synced = ddp_options(load_config("digits", ("train.sync_bn=true",)))
-    assert plain == {"gradient_as_bucket_view": True, "broadcast_buffers": True}
+    assert plain == {"gradient_as_bucket_view": True, "broadcast_buffers": True, "static_graph": True}
     assert synced["broadcast_buffers"] is False and synced["gradient_as_bucket_view"]

@@ -32,3 +32,26 @@ def test_without_a_gpu_the_real_check_refuses_with_one_line(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args([])
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_the_engine_step_is_counted_with_ddp_and_g_reduced_and_a_sync_in_it_fails(tmp_path, monkeypatch):
+    from mgssl.train import engine
+
+    plan = gpu_check.Plan.of(dry_run=True)
+    reduced = []
+    real_start = engine.D.start_average_grads
+    monkeypatch.setattr(engine.D, "start_average_grads", lambda *a, **k: reduced.append(1) or real_start(*a, **k))
+    [row] = gpu_check.check_engine_syncs(plan, None, tmp_path)
+    assert row.status == "ok" and row.result.startswith("0 ") and "DDP on 1 process (gloo)" in row.setting, row
+    assert reduced  # g went through the engine's all-reduce
+
+    real_step = engine.train_step
+
+    def step_that_reads_its_loss(*args, **kwargs):
+        stats = real_step(*args, **kwargs)
+        float(stats["loss"])  # a host sync a careless logging line would add
+        return stats
+
+    monkeypatch.setattr(engine, "train_step", step_that_reads_its_loss)
+    [row] = gpu_check.check_engine_syncs(plan, None, tmp_path / "again")
+    assert row.status == "FAIL" and float(row.result.split()[0]) >= 1, row

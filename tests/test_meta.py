@@ -159,3 +159,41 @@ def test_pseudo_label_grad_scales_with_the_inner_learning_rate_and_batch():
 def test_unknown_estimator_is_a_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
         pseudo_label_grad(smooth_net(), *batches(torch.float32), lr=0.1, method="second-order")
+
+
+class _Deferred:
+    """A reduction of g held back until waited for, recording how many forwards ran before that."""
+
+    def __init__(self, grads, calls):
+        self.grads, self.calls, self.forwards_before_wait = grads, calls, None
+
+    def wait(self):
+        self.forwards_before_wait = len(self.calls)
+        return self.grads
+
+
+@pytest.mark.parametrize("estimator,midpoint,forwards_first", [("fd", False, 1), ("fd", True, 0), ("jvp", False, 0)])
+def test_what_needs_no_g_runs_before_the_reduction_of_g_is_waited_for(estimator, midpoint, forwards_first):
+    """fd's forward at θ runs while g's all-reduce is in flight, and the result is that of the blocking
+    reduction; the ±εg passes (and jvp's one pass) wait for g."""
+    torch.manual_seed(0)
+    model = smooth_net(dropout=0.3).double().train()
+    batch = batches()
+    calls, pending = [], []
+    model.register_forward_hook(lambda *args: calls.append(1))
+
+    def deferred(grads):
+        pending.append(_Deferred(grads, calls))
+        return pending[-1]
+
+    torch.manual_seed(5)
+    blocking = meta_targets(model, *batch, estimator=estimator, fd_midpoint=midpoint, reduce_grad=lambda g: g)
+    after_blocking = torch.get_rng_state()
+    calls.clear()
+    torch.manual_seed(5)
+    overlapped = meta_targets(model, *batch, estimator=estimator, fd_midpoint=midpoint, reduce_grad=deferred)
+    assert torch.equal(after_blocking, torch.get_rng_state())  # the passes leave the random state alike
+    assert pending[0].forwards_before_wait == 1 + forwards_first  # the labeled forward of g, then p(θ)
+    for a, b in zip((blocking.pseudo_labels, blocking.jg, blocking.grad_norm),
+                    (overlapped.pseudo_labels, overlapped.jg, overlapped.grad_norm)):
+        assert torch.equal(a, b)

@@ -310,3 +310,47 @@ def test_fidelity_of_a_trained_network_keeps_its_weights_and_statistics(tmp_path
         calibrated_network("digits_cnn", 5, batches, "eval", seed=0, weights=str(tmp_path / "last.pt"))
     with pytest.raises(SystemExit, match="--weights: "):
         calibrated_network("digits_cnn", 10, batches, "eval", seed=0, weights=str(tmp_path / "none.pt"))
+
+
+def test_under_fp16_the_scaled_labeled_gradient_does_not_flush_to_zero():
+    """A classifier with small weights sends gradients of ~1e-7 to the first layers: below fp16's
+    smallest number, so unscaled they are zero; scaled by the loss scale, as the training loss is,
+    they come back as the fp32 gradient (the GradScaler's scale, read without a host sync)."""
+    from mgssl.model import build_model
+    from mgssl.train.meta import _state, labeled_grad
+
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).eval()
+    with torch.no_grad():
+        net.classifier.weight.mul_(1e-4)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    names, params, buffers = _state(net)
+    exact = labeled_grad(net, names, params, buffers, x, y)
+    scaler = torch.amp.GradScaler("cpu")
+    scale = scaler.scale(torch.ones(()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        unscaled = labeled_grad(net, names, params, buffers, x, y)
+        scaled = labeled_grad(net, names, params, buffers, x, y, grad_scale=scale)
+    first = names.index("features.0.0.weight")
+    assert exact[first].abs().max() > 0 and not unscaled[first].any()  # the flush the scale prevents
+    for name, a, b in zip(names, exact, scaled):  # off by fp16's rounding of weights and activations only
+        assert ((a - b).norm() / a.norm()).item() < 0.1, name
+    with torch.autocast("cpu", dtype=torch.float16):  # an overflow of the scaled loss: g zero, not inf
+        overflowed = labeled_grad(net, names, params, buffers, x, y, grad_scale=torch.tensor(1e38))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in overflowed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 has fp32's range: no scale is applied
+        assert torch.equal(labeled_grad(net, names, params, buffers, x, y, grad_scale=torch.tensor(1e38))[0],
+                           labeled_grad(net, names, params, buffers, x, y)[0])
+
+
+@pytest.mark.parametrize("estimator", ["fd", "jvp"])
+def test_a_zero_g_from_an_overflow_gives_no_meta_shift_under_fp16(estimator):
+    from mgssl.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1).eval()
+    x_l, y_l, x_u = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), torch.randn(6, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = meta_targets(net, x_l, y_l, x_u, estimator=estimator, grad_scale=torch.tensor(1e38))
+    assert torch.isfinite(out.pseudo_labels).all() and torch.equal(out.jg, torch.zeros_like(out.jg))
+    assert out.grad_norm == 0

@@ -66,6 +66,34 @@ def test_evaluation_sees_every_validation_image_once_centre_cropped(folders):
     assert torch.equal(images, again)  # no randomness in evaluation
 
 
+def test_evaluations_reuse_one_pipeline_per_subset_and_see_the_same_images(folders):
+    data = build_data(config(folders, eval_batch_size=4, validation=0.25), seed=0, device="cpu")
+    first = [torch.cat([x for x, _ in data.eval_batches(subset)]) for subset in ("test", "validation")]
+    for _ in range(4):  # later evaluations, each one epoch of the kept pipelines
+        for subset, images in zip(("test", "validation"), first):
+            assert torch.equal(torch.cat([x for x, _ in data.eval_batches(subset)]), images), subset
+    assert {s: e.builds for s, e in data.evaluations.items()} == {"test": 1, "validation": 1}
+    batches = data.eval_batches("test")
+    next(batches)
+    batches.close()  # an evaluation left before its end: the next one starts from the first file again
+    assert torch.equal(torch.cat([x for x, _ in data.eval_batches("test")]), first[0])
+    assert data.evaluations["test"].builds == 2
+
+
+def test_an_evaluation_after_a_broken_jpeg_builds_without_it_and_keeps_that_pipeline(tmp_path):
+    root = write_image_folders(tmp_path / "data", num_classes=2, per_class_train=4, per_class_val=3)
+    break_jpeg(root / "val" / "n00000001" / "n00000001_0.JPEG")
+    data = build_data(config(root, labels=0.5, eval_batch_size=2), seed=0, device="cpu")
+    with pytest.warns(RuntimeWarning, match="n00000001_0.JPEG"):
+        list(data.eval_batches("test"))
+    for _ in range(3):
+        assert sorted(torch.cat([y for _, y in data.eval_batches("test")]).tolist()) == [0, 0, 0, 1, 1]
+    builds = data.evaluations["test"].builds
+    assert builds <= 3  # the one that met the file, the one after it, the one kept from then on
+    list(data.eval_batches("test"))
+    assert data.evaluations["test"].builds == builds
+
+
 def test_the_random_numbers_of_the_augmentation_move_the_crop_and_flip(folders):
     files = load_image_folders(str(folders))
     from mgssl.pipelines.dali import build_pipeline, to_torch

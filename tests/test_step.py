@@ -240,3 +240,29 @@ def test_the_fp32_meta_window_covers_its_first_steps_only():
     assert [method_at(method, s).meta_precision for s in range(5)] == ["fp32"] * 3 + ["run"] * 2
     assert method_at(method, 7) is method
     assert method_at(MethodConfig(), 0).meta_precision == "run"
+
+
+def test_under_fp16_the_step_hands_the_scalers_current_scale_to_the_meta_part(monkeypatch):
+    import mgssl.train.pseudo_labels as pl
+    from mgssl.train.host_syncs import count_host_syncs
+
+    seen, syncs = [], []
+    real = pl.meta_targets
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["grad_scale"])
+        with count_host_syncs() as counts:
+            out = real(*args, **kwargs)
+        syncs.append(sum(counts.values()))
+        return out
+
+    monkeypatch.setattr(pl, "meta_targets", spy)
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), torch.randn(4, 1, 8, 8))
+    train_step(StepParts.of(net, optimizer, 10, precision="fp16", scaler=scaler), batch, method=MethodConfig(), lr=0.1,
+               consistency_weight=1.0)
+    assert seen[0].device == batch[0].device and float(seen[0]) == 1024.0
+    assert syncs == [0]  # scaled and unscaled on the device: the meta part reads nothing back

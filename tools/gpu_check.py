@@ -6,7 +6,8 @@
 Prints one table and writes it to OUT/gpu_check.md (with OUT/gpu_check.json):
 
 1. the CUDA test subset (`pytest -m cuda`);
-2. host syncs per training step of every Table-4 row, under torch.cuda.set_sync_debug_mode("warn");
+2. host syncs per training step of every Table-4 row, under torch.cuda.set_sync_debug_mode("warn"),
+   and through the engine's own step (data, prefetch, DDP on one process, g's all-reduce);
 3. fidelity of ∇ỹ under bf16 and fp16 (cosine to float64) for the three paper networks, and
    tools.fidelity's own report where that module exists;
 4. tools.bench: Conv-Large 128+128 bf16 channels_last eager, ResNet-18 at 224 px (also with its
@@ -40,6 +41,7 @@ import torch
 
 import mgssl
 from mgssl import runfolder as rf
+from mgssl.train.distributed import Dist
 
 # The folder that holds the mgssl package: the source checkout (with tests/), or site-packages for an install.
 REPO = Path(mgssl.__file__).resolve().parent.parent
@@ -52,7 +54,9 @@ GOAL_FIDELITY = 0.999
 # What a --dry-run does not exercise, said in its table's header.
 DRY_RUN_GAPS = ("; and, in this --dry-run, every CUDA path: the CUDA tests (skipped), CUDA's own sync counter (host "
                 "syncs counted by train.host_syncs instead), autocast on a GPU, cuDNN, NCCL (gloo instead), "
-                "torch.compile and CUDA graphs")
+                "torch.compile and CUDA graphs; in the engine step's sync count, the prefetch of the next batch "
+                "on its side stream (CPU runs have none), NCCL's all-reduce of g and of DDP's buckets, "
+                "and the bf16 meta part")
 
 
 @dataclass
@@ -226,6 +230,108 @@ def check_host_syncs(plan: Plan) -> list[Row]:
             rows.append(Row("host syncs / step", f"{plan.sync_model} {plan.sync_batch}+{plan.sync_batch} {precision}, "
                             f"{label}", f"{syncs / steps:g}", "0", "ok" if syncs == 0 else "FAIL"))
     return rows
+
+
+def engine_config(plan: Plan, root: Optional[Path]):
+    """The config the engine-step count runs: the real run's on the GPU (CIFAR-10 where --cifar is
+    given, else the digits), the digits in the dry run."""
+    from mgssl.train.config import load_config
+
+    settings = [f"train.device={plan.device.type}", "train.progress=false", "train.tensorboard=false"]
+    if plan.dry_run or root is None:
+        return load_config("digits", tuple(settings + ([] if plan.dry_run else ["train.precision=bf16"])))
+    return load_config(plan.run_config, tuple(settings + [f"data.root={root}", "train.precision=bf16"]))
+
+
+def check_engine_syncs(plan: Plan, root: Optional[Path], work: Path) -> list[Row]:
+    """Host syncs per step of engine.one_step, the step training runs: the next batch (and on a GPU
+    its prefetch), DDP around the forwards on a process group of one rank, g's all-reduce started and
+    waited for, the optimiser; the same code a torchrun job runs, less the other ranks."""
+    import torch.distributed as dist
+
+    from mgssl.pipelines import build_data
+    from mgssl.train import engine, run_state
+    from mgssl.train.schedule import consistency_weight, learning_rate
+
+    backend = "gloo" if plan.dry_run else "nccl"
+    if dist.is_initialized():
+        return [Row("host syncs / engine step", backend, "skipped: a process group already exists",
+                    status="skipped")]
+    cfg = engine_config(plan, root)
+    setting = (f"engine.one_step, {cfg.data.name} {cfg.model.name} {cfg.train.precision}, DDP on 1 process "
+               f"({backend}), g all-reduced{' in bf16' if cfg.method.grad_reduce_dtype == 'bf16' else ''}"
+               f"{', prefetch' if plan.device.type == 'cuda' else ''}")
+    device_id = torch.device("cuda", torch.cuda.current_device()) if plan.device.type == "cuda" else None
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+    try:
+        d = OneRankAsMany(0, 1, 0, plan.device)
+        run_dir = work / "engine-step"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_state.seed_everything(cfg.seed)
+        try:
+            data = build_data(cfg.data, seed=cfg.seed, device=d.device, rank=0, world_size=1, run_dir=run_dir)
+        except ImportError as e:  # the digits need scikit-learn
+            return [Row("host syncs / engine step", setting, f"skipped: {e}; pass --cifar DIR", status="skipped")]
+        t = engine.build_training(cfg, d, data, run_dir)
+        t.net.train()
+        done = [0]
+
+        def step():
+            i = done[0]
+            engine.one_step(t, learning_rate(i, cfg.optim, cfg.train.steps, cfg.optim.warmup_steps),
+                            consistency_weight(i, cfg.method.consistency_weight, cfg.method.consistency_rampup), i)
+            done[0] += 1
+
+        for _ in range(2):  # first-call set-up (and DDP's static-graph bucket rebuild) is not a step
+            step()
+        steps = 2 if plan.dry_run else 3
+        syncs = count_syncs(step, plan.device, steps)
+        if not any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in t.forwards.modules()):
+            return [Row("host syncs / engine step", setting, "the step ran without DDP", "0", "FAIL")]
+        result = f"{syncs / steps:g}"
+        if plan.device.type != "cuda":
+            # DDP reads its host-side used-parameter map per parameter: not a sync, but counted as one here
+            bookkeeping = ddp_bookkeeping_reads(t, cfg, plan.device, steps)
+            syncs -= bookkeeping
+            result = f"{syncs / steps:g} (besides {bookkeeping / steps:g} reads of DDP's host-side bookkeeping)"
+        return [Row("host syncs / engine step", setting, result, "0", "ok" if syncs == 0 else "FAIL")]
+    except Exception as e:  # a failing engine path is a finding, not the end of the check
+        return [Row("host syncs / engine step", setting, f"error: {str(e).splitlines()[0][:200]}", "0", "FAIL")]
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_bookkeeping_reads(t, cfg, device: torch.device, steps: int) -> int:
+    """The reads a bare forward and backward of DDP (the engine's switches, `t`'s network) makes in `steps`
+    steps, as train.host_syncs counts them."""
+    import copy
+
+    from mgssl.train.engine import ddp_options
+    from mgssl.train.host_syncs import count_host_syncs
+    from mgssl.train.step import SeparateForwards
+
+    net = copy.deepcopy(t.net)
+    bare = torch.nn.parallel.DistributedDataParallel(SeparateForwards(net), **ddp_options(cfg))
+    x = next(iter(t.data.eval_batches("test")))[0][:2].to(device)
+
+    def step():
+        sum(out.sum() for out in bare(x, x)).backward()
+
+    for _ in range(2):
+        step()
+    with count_host_syncs() as counts:
+        for _ in range(steps):
+            step()
+    return sum(v for k, v in counts.items() if k != "Tensor.item")
+
+
+@dataclass
+class OneRankAsMany(Dist):
+    """One process that the engine treats as one of several: DDP and g's all-reduce on a group of one."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +552,7 @@ def run_checks(argv=None) -> list[Row]:
                         + (["--no-flops", "--fidelity-batch", "2"] if plan.dry_run else []))
     checks = [
         ("host syncs", 30, lambda t: check_host_syncs(plan)),
+        ("host syncs engine", 30, lambda t: check_engine_syncs(plan, cifar, work)),
         ("fidelity", 60, lambda t: check_fidelity(plan, t)),
         ("bench eager", 60, lambda t: bench_rows(f"{plan.bench_model} eager", bench_argv(
             plan, plan.bench_model, plan.bench_batch, plan.bench_steps, 1 if plan.dry_run else 10), plan, t,

@@ -134,20 +134,41 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def average_grads(grads: list[torch.Tensor], world_size: int, dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
-    """All-reduce mean of a list of tensors as one flat buffer (one collective, not one per tensor);
-    with `dtype` (bf16) the buffer travels in that type, half the bytes of fp32, and comes back in the
+class PendingMean:
+    """An all-reduce mean in flight (`start_average_grads`); `wait()` returns the averaged tensors.
+
+    On GPUs the wait makes the current stream wait for the collective, not the host."""
+
+    def __init__(self, work, wire: torch.Tensor, dtype: torch.dtype, shapes: list[torch.Size], world_size: int):
+        self.work, self.wire, self.dtype, self.shapes, self.world_size = work, wire, dtype, shapes, world_size
+
+    def wait(self) -> list[torch.Tensor]:
+        self.work.wait()
+        flat = self.wire.to(self.dtype) if self.wire.dtype != self.dtype else self.wire
+        flat /= self.world_size
+        out, offset = [], 0
+        for shape in self.shapes:
+            numel = shape.numel()
+            out.append(flat[offset:offset + numel].view(shape))
+            offset += numel
+        return out
+
+
+def start_average_grads(grads: list[torch.Tensor], world_size: int,
+                        dtype: Optional[torch.dtype] = None) -> PendingMean:
+    """All-reduce mean of a list of tensors as one flat buffer (one collective, not one per tensor),
+    started and not waited for: the caller computes what does not need the mean, then waits. With
+    `dtype` (bf16) the buffer travels in that type, half the bytes of fp32, and comes back in the
     tensors' own type."""
     flat = torch.cat([g.reshape(-1) for g in grads])
     wire = flat if dtype is None else flat.to(dtype)
-    dist.all_reduce(wire)
-    flat = wire.to(flat.dtype) if dtype is not None else wire
-    flat /= world_size
-    out, offset = [], 0
-    for g in grads:
-        out.append(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return out
+    work = dist.all_reduce(wire, async_op=True)
+    return PendingMean(work, wire, flat.dtype, [g.shape for g in grads], world_size)
+
+
+def average_grads(grads: list[torch.Tensor], world_size: int, dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+    """`start_average_grads`, waited for."""
+    return start_average_grads(grads, world_size, dtype).wait()
 
 
 def sum_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -194,13 +194,9 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = build_optimizer(net, cfg.optim, d.device)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
-    forwards: nn.Module = SeparateForwards(compiled(net, cfg.train.compile))
-    if d.enabled:
-        # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
-        forwards = nn.parallel.DistributedDataParallel(
-            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_options(cfg))
+    forwards = training_forwards(net, cfg, d)
     wire = torch.bfloat16 if cfg.method.grad_reduce_dtype == "bf16" else None
-    reduce_grad = ((lambda g: D.average_grads(g, d.world_size, wire)) if (d.enabled and cfg.method.allreduce_grad)
+    reduce_grad = ((lambda g: D.start_average_grads(g, d.world_size, wire)) if (d.enabled and cfg.method.allreduce_grad)
                    else None)
     ema = WeightsEMA(net, cfg.train.ema) if cfg.train.ema is not None else None
     return Training(cfg, d, data, net, forwards, optimizer, scaler, reduce_grad,
@@ -208,12 +204,30 @@ def build_training(cfg: Config, d: D.Dist, data, run_dir: Path) -> Training:
                     finite=torch.ones((), dtype=torch.bool, device=d.device), ema=ema)
 
 
+def training_forwards(net: nn.Module, cfg: Config, d: D.Dist) -> nn.Module:
+    """The network's train-mode forwards as the step calls them: SeparateForwards, wrapped by DDP on
+    several ranks, then compiled. DDP goes inside torch.compile, as torch documents: its graph is then
+    split at the gradient buckets' boundaries (DDPOptimizer), so each bucket's all-reduce starts while
+    the rest of the backward runs; a compiled module inside DDP would make the backward one op."""
+    forwards: nn.Module = SeparateForwards(net)
+    if d.enabled:
+        # DDP copies rank 0's weights to every rank here and averages the gradients of each backward.
+        forwards = nn.parallel.DistributedDataParallel(
+            forwards, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_options(cfg))
+    return compiled(forwards, cfg.train.compile)
+
+
 def ddp_options(cfg: Config) -> dict:
     """DDP's switches. Gradients live in the all-reduce buckets (no copy in or out). Under SyncBatchNorm
     every rank computes the same running statistics, so DDP's broadcast of rank 0's buffers before each
     forward is redundant and is left out; without it, ranks' statistics differ and the meta part (eval
-    mode) reads them, so the broadcast stays."""
-    return {"gradient_as_bucket_view": True, "broadcast_buffers": not cfg.train.sync_bn}
+    mode) reads them, so the broadcast stays.
+
+    static_graph: every step makes one DDP forward of the same inputs (their number is fixed by the
+    config, not the step: the ramp's zero weight still multiplies the consistency loss) through which
+    every parameter gets a gradient; the fp32 meta window and the meta passes use the plain network,
+    outside DDP. DDP then fixes its bucket order after the first step and skips the per-step search."""
+    return {"gradient_as_bucket_view": True, "broadcast_buffers": not cfg.train.sync_bn, "static_graph": True}
 
 
 def restore(t: Training, state: dict) -> None:

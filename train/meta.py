@@ -24,7 +24,7 @@ passes over x_u replay one random state, so dropout masks and shake-shake gates 
 """
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,18 @@ from mgssl.train.estimators import ESTIMATORS, resolve_estimator
 from mgssl.train.losses import fp32_or_wider
 
 
-GradReducer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+class PendingGrads(Protocol):
+    """A reduction of g in flight (train.distributed.PendingMean): `wait()` gives the reduced g."""
+
+    def wait(self) -> list[torch.Tensor]: ...
+
+
+# Averages g across ranks: at once (a list) or started and waited for where g is first needed.
+GradReducer = Callable[[list[torch.Tensor]], Union[list[torch.Tensor], PendingGrads]]
+
+
+def _waited(grads: Union[list[torch.Tensor], PendingGrads]) -> list[torch.Tensor]:
+    return grads if isinstance(grads, list) else grads.wait()
 
 
 @dataclass
@@ -129,8 +140,15 @@ def _labeled_loss(model, names, params, buffers, x_l, y_l):
 
 
 def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[GradReducer] = None,
-                 compiled: bool = False):
-    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks.
+                 compiled: bool = False, grad_scale: Optional[torch.Tensor] = None):
+    """g = ∇θ mean CE on the labeled batch; `reduce_grad` averages it across ranks (what it returns
+    is returned: a reduction started, not waited for, lets the caller compute what needs no g first).
+
+    grad_scale: the loss scale of the run (GradScaler's, a device tensor), applied under fp16 autocast
+    only: the labeled loss is scaled for its backward and g unscaled after, as the training loss is, so
+    that the small gradients of the layers far from the loss do not flush to zero in fp16. Where the
+    scaled backward overflows, g is taken as zero: that step's pseudo labels get no meta shift, as the
+    scaler skips the step whose gradients overflow (and labeled_grad_norm logs 0).
 
     Under autocast g is taken in the run's precision. Its error there does not come from BatchNorm
     (autocast keeps it in fp32) nor from the loss (reduced in fp32): it comes from the ReLU and
@@ -139,11 +157,21 @@ def labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad: Optional[
     that error is of the same size as rounding the weights alone, so only fp32 weights (an fp32 pass,
     `full_precision`) remove it; trained, the same network meets the bound in bf16 (docs/PERF.md,
     "Fidelity")."""
+    scaled = grad_scale is not None and _autocast_dtype(x_l.device) == torch.float16
     with torch.enable_grad():
         loss = compile_with(_labeled_loss, compiled)(model, names, params, buffers, x_l, y_l)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss * grad_scale if scaled else loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
+    if scaled:
+        grads = _unscaled(grads, grad_scale)
     return reduce_grad(grads) if reduce_grad is not None else grads
+
+
+def _unscaled(grads: list[torch.Tensor], scale: torch.Tensor) -> list[torch.Tensor]:
+    """g / scale, or zeros where any entry overflowed; on the device, without reading anything back."""
+    grads = torch._foreach_div(grads, scale)
+    finite = torch.isfinite(_global_norm(grads))
+    return [torch.where(finite, g, torch.zeros_like(g)) for g in grads]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +199,14 @@ def batched_probs(model, names, param_sets, buffers, x):
     return torch.vmap(probs_at, randomness="error")(stacked)
 
 
-def _fd_passes(model, names, params, buffers, g, x, eps, midpoint, batched, replay):
+def _probs_at(model, names, params, buffers, x):
+    return _probs(_call(model, names, params, buffers, x))
+
+
+def _fd_passes(model, names, params, buffers, g, x, eps, midpoint, batched, replay, center=None):
     gnorm = _global_norm(g)
-    step_size = eps / gnorm  # ε: the parameters move by `eps` in L2 norm
+    # ε: the parameters move by `eps` in L2 norm (a zero g, an fp16 overflow's, moves them by nothing)
+    step_size = eps / gnorm.clamp_min(torch.finfo(gnorm.dtype).tiny)
     plus, minus = perturbed_parameters(params, g, step_size)
     if batched and not model.training:
         sets = [plus, minus] if midpoint else [plus, minus, params]
@@ -186,7 +219,7 @@ def _fd_passes(model, names, params, buffers, g, x, eps, midpoint, batched, repl
         p_minus = _probs(_call(model, names, minus, buffers, x))
         if midpoint:
             center = 0.5 * (p_plus + p_minus)  # p(θ) + O(ε²): saves the forward at θ
-        else:
+        elif center is None:
             replay()
             center = _probs(_call(model, names, params, buffers, x))
     jg = (p_plus - p_minus) / (2 * step_size)
@@ -198,8 +231,22 @@ def _fd(model, names, params, buffers, g, x_u, eps, full_precision, midpoint, ba
     x = fp32_or_wider(x_u) if full_precision else x_u
     replay = _rng_replayer(model, x_u.device)
     with torch.no_grad(), precision:
-        return compile_with(_fd_passes, compiled)(model, names, params, buffers, g, x, eps, midpoint, batched,
-                                                     replay)
+        center = None
+        if not midpoint and not (batched and not model.training):
+            # p(θ) needs no g: it runs while g's all-reduce is in flight (the same masks as the ±εg passes)
+            center = compile_with(_probs_at, compiled)(model, names, params, buffers, x)
+            replay()
+        return compile_with(_fd_passes, compiled)(model, names, params, buffers, _waited(g), x, eps, midpoint,
+                                                     batched, replay, center)
+
+
+def fd_passes(model: nn.Module, g: list[torch.Tensor], x_u: torch.Tensor, *, eps: float = 0.01,
+              midpoint: bool = False, batched: bool = False):
+    """fd's passes alone for a given g, in fp32 as training runs them: (ỹ, J·g, ||g||). For timing
+    the separate calls against the batched one (tools.bench_fd)."""
+    names, params, buffers = _state(model)
+    with _frozen_batchnorm_stats(model):
+        return _fd(model, names, params, buffers, g, x_u, eps, True, midpoint, batched, False)
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -234,30 +281,47 @@ def _batchnorm_tensor_names(model: nn.Module) -> set[str]:
             for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
 
 
-def _jvp(model, names, params, buffers, g, x_u):
-    primals, tangents = [p.detach() for p in params], g
-    gnorm = _global_norm(g)
-    low = _autocast_dtype(x_u.device)
+def _jvp_primals(model, names, params, buffers, device, compiled):
+    """θ and the buffers as the jvp pass reads them, with what the pass needs to cast its tangents
+    alike: (primals, buffers, low, cast_params, theta_norm). Needs no g, so it runs while g's
+    all-reduce is in flight."""
+    primals = [p.detach() for p in params]
+    low = _autocast_dtype(device)
+    if low is None:
+        return primals, buffers, None, (), None
+    # The pass runs in the low precision as autocast's own forward does: convolutions and
+    # linear layers on low-precision weights, BatchNorm on its fp32 weights and statistics
+    # (rounding those to bf16 costs fidelity: docs/PERF.md). Autocast itself cannot be left to
+    # cast the weights: it looks at a dual tensor's primal only, so a tangent whose dtype
+    # differs from its primal's reaches the convolution uncast.
+    keep_fp32 = _batchnorm_tensor_names(model)
+    cast_params = tuple(n not in keep_fp32 for n in names)
+    cast_buffers = tuple(n not in keep_fp32 for n in buffers)
+    primals, buffers, theta_norm = compile_with(_low_precision_copies, compiled)(primals, buffers, low, cast_params,
+                                                                                 cast_buffers)
+    return primals, buffers, low, cast_params, theta_norm
+
+
+def _cast_where(tensors: list[torch.Tensor], low: torch.dtype, cast: tuple) -> list[torch.Tensor]:
+    return [t.to(low) if c and t.is_floating_point() else t for t, c in zip(tensors, cast)]
+
+
+def _low_precision_copies(primals, buffers, low, cast_params, cast_buffers):
+    theta_norm = _global_norm(primals) if low == torch.float16 else None  # ||θ||, for fp16's tangent scale
+    return (_cast_where(primals, low, cast_params),
+            dict(zip(buffers, _cast_where(list(buffers.values()), low, cast_buffers))), theta_norm)
+
+
+def _jvp(model, names, primals, buffers, g, x_u, low, cast_params, theta_norm):
+    tangents, gnorm = g, _global_norm(g)
     tangent_dtype, unscale = nullcontext(), None
     if low is not None:
-        # The pass runs in the low precision as autocast's own forward does: convolutions and
-        # linear layers on low-precision weights, BatchNorm on its fp32 weights and statistics
-        # (rounding those to bf16 costs fidelity: docs/PERF.md). Autocast itself cannot be left to
-        # cast the weights: it looks at a dual tensor's primal only, so a tangent whose dtype
-        # differs from its primal's reaches the convolution uncast.
-        keep_fp32 = _batchnorm_tensor_names(model)
-
-        def cast(name, t):
-            return t.to(low) if t.is_floating_point() and name not in keep_fp32 else t
-
         if low == torch.float16:
             # J·g is linear in g: a tangent as long as θ keeps fp16's narrow range away from both
-            # underflow (g's entries can be far below 6e-5) and overflow.
-            unscale = gnorm / _global_norm(primals)
+            # underflow (g's entries can be far below 6e-5) and overflow (a zero g stays zero).
+            unscale = gnorm.clamp_min(torch.finfo(gnorm.dtype).tiny) / theta_norm
             tangents = torch._foreach_div(tangents, unscale)
-        primals = [cast(n, p) for n, p in zip(names, primals)]
-        tangents = [cast(n, t) for n, t in zip(names, tangents)]
-        buffers = {n: cast(n, b) for n, b in buffers.items()}
+        tangents = _cast_where(tangents, low, cast_params)
         tangent_dtype = _tangents_in_primal_dtype(model, low)
 
     def probs_of(flat_params):
@@ -316,6 +380,7 @@ def meta_targets(
     fd_batched: bool = False,
     compiled: Union[bool, str] = False,
     full_precision: bool = False,
+    grad_scale: Optional[torch.Tensor] = None,
 ) -> MetaTargets:
     """ỹ = p(x_u; θ) and J_θ p(x_u; θ)·g, the two things one meta step needs.
 
@@ -326,7 +391,8 @@ def meta_targets(
     compiled: run the labeled forward, the fd passes or the jvp pass through torch.compile (a
     train.compile mode, or True for the default one).
     full_precision: the whole meta part (g and the passes over x_u) in fp32 without TF32, even under
-    autocast; `auto` still resolves as the run's precision says (jvp under autocast)."""
+    autocast; `auto` still resolves as the run's precision says (jvp under autocast).
+    grad_scale: the run's loss scale under fp16 (see `labeled_grad`)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     estimator = resolve_estimator(estimator, _autocast_dtype(x_u.device) is not None)
@@ -334,18 +400,24 @@ def meta_targets(
         with _full_precision(x_u.device):
             return meta_targets(model, fp32_or_wider(x_l), y_l, fp32_or_wider(x_u), estimator=estimator, eps=eps,
                                 reduce_grad=reduce_grad, fd_full_precision=fd_full_precision,
-                                fd_midpoint=fd_midpoint, fd_batched=fd_batched, compiled=compiled)
+                                fd_midpoint=fd_midpoint, fd_batched=fd_batched, compiled=compiled,
+                                grad_scale=grad_scale)
     names, params, buffers = _state(model)
     with _frozen_batchnorm_stats(model):
         if estimator == "exact":
             center, jg, gnorm = _exact(model, names, params, buffers, x_l, y_l, x_u, reduce_grad)
         else:
-            g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad, compiled=compiled)
+            # g's all-reduce (where the reducer only starts it) runs while each estimator makes what needs no g
+            g = labeled_grad(model, names, params, buffers, x_l, y_l, reduce_grad, compiled=compiled,
+                             grad_scale=grad_scale)
             if estimator == "fd":
                 center, jg, gnorm = _fd(model, names, params, buffers, g, x_u, eps, fd_full_precision, fd_midpoint,
                                          fd_batched, compiled)
             else:
-                center, jg, gnorm = compile_with(_jvp, compiled)(model, names, params, buffers, g, x_u)
+                at = _jvp_primals(model, names, params, buffers, x_u.device, compiled)
+                primals, low_buffers, low, cast_params, theta_norm = at
+                center, jg, gnorm = compile_with(_jvp, compiled)(model, names, primals, low_buffers, _waited(g), x_u,
+                                                                 low, cast_params, theta_norm)
     return MetaTargets(center, jg, gnorm)
 
 

@@ -42,18 +42,22 @@ def method_at(method: MethodConfig, step: int) -> MethodConfig:
 
 def pseudo_labels(meta_net: nn.Module, x_l, y_l, x_u, *, method: MethodConfig, lr: float, autocast,
                   reduce_grad: Optional[GradReducer], world_size: int, fd_batched: bool = False,
-                  compile_meta: Union[bool, str] = False) -> tuple[torch.Tensor, dict]:
+                  compile_meta: Union[bool, str] = False,
+                  scaler: Optional[torch.amp.GradScaler] = None) -> tuple[torch.Tensor, dict]:
     """ŷ for the unlabeled batch: the network's prediction ỹ, moved by the meta-gradient when
-    method.meta (with meta off, ŷ = ỹ and everything else is unchanged)."""
+    method.meta (with meta off, ŷ = ỹ and everything else is unchanged). `scaler` (fp16): g's
+    labeled loss is scaled by its current scale, read as a device tensor (no host sync)."""
     was_training = meta_net.training
     meta_net.train(method.meta_mode == "train")
     try:
         with autocast:
             if method.meta:
+                grad_scale = scaler.scale(torch.ones((), device=x_l.device)) if scaler is not None else None
                 out = meta_targets(meta_net, x_l, y_l, x_u, estimator=method.estimator, eps=method.eps,
                                    reduce_grad=reduce_grad, fd_full_precision=method.fd_full_precision,
                                    fd_midpoint=method.fd_midpoint, fd_batched=fd_batched,
-                                   compiled=compile_meta, full_precision=method.meta_precision == "fp32")
+                                   compiled=compile_meta, full_precision=method.meta_precision == "fp32",
+                                   grad_scale=grad_scale)
                 y_tilde = out.pseudo_labels
                 y_hat = update_pseudo_labels(y_tilde, pseudo_label_step(out.jg, lr, method, x_u.shape[0] * world_size))
                 stats = {"pseudo_label_shift": (y_hat - y_tilde).abs().sum(dim=1).mean(),

@@ -86,7 +86,8 @@ def train_step(parts: StepParts, batch: tuple[torch.Tensor, torch.Tensor, torch.
     if method.unlabeled:
         y_hat, stats = pseudo_labels(parts.meta_net, x_l, y_l, x_u, method=method, lr=lr, autocast=autocast,
                                      reduce_grad=parts.reduce_grad, world_size=parts.world_size,
-                                     fd_batched=parts.fd_batched, compile_meta=parts.compile_meta)
+                                     fd_batched=parts.fd_batched, compile_meta=parts.compile_meta,
+                                     scaler=parts.scaler)
 
     with autocast:
         # The unlabeled batch gets its own train-mode forward only when the run has a consistency term:
