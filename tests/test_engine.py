@@ -128,3 +128,22 @@ def test_ddp_keeps_the_buffer_broadcast_unless_syncbatchnorm_aligns_the_statisti
     synced = ddp_options(load_config("digits", ("train.sync_bn=true",)))
     assert plain == {"gradient_as_bucket_view": True, "broadcast_buffers": True, "static_graph": True}
     assert synced["broadcast_buffers"] is False and synced["gradient_as_bucket_view"]
+
+
+def test_the_steps_run_with_the_set_up_out_of_the_garbage_collector(tmp_path, monkeypatch):
+    import gc
+
+    from mgssl.train import engine
+
+    real_step, seen = engine.one_step, []
+
+    def watched(t, lr, weight, step):
+        seen.append((gc.get_freeze_count(), any(o is t.data for o in gc.get_objects())))
+        return real_step(t, lr, weight, step)
+
+    monkeypatch.setattr(engine, "one_step", watched)
+    before = gc.get_freeze_count()
+    run(digits("train.steps=4"), tmp_path)
+    # the data set, made at set-up, is frozen: a full collection no longer walks its objects mid-run
+    assert len(seen) == 4 and all(frozen > before and not tracked for frozen, tracked in seen)
+    assert gc.get_freeze_count() == before  # handed back to the collector after the run

@@ -85,6 +85,13 @@ def measure_gaps(data, boundaries: int, warmup: int, step_ms: float = 0.0) -> di
     boundaries: the steady rate, the median and the longest gap, and where it fell. With `step_ms`, a
     training step of that length (a sleep, as on a GPU the step leaves the CPU to the decoder) follows
     each batch, so a gap is the step plus any wait for data."""
+    from mgssl.train.engine import setup_out_of_collector
+
+    with setup_out_of_collector():  # as the training loop runs
+        return _measure_gaps(data, boundaries, warmup, step_ms)
+
+
+def _measure_gaps(data, boundaries: int, warmup: int, step_ms: float) -> dict:
     train = data.train
     batch = None
     start = time.perf_counter()
