@@ -35,8 +35,7 @@ from mgssl.pipelines.streams import IndexStream
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, as fractions of 255
 STD = (0.229, 0.224, 0.225)
-# DALI's prefetch queue: batches the pipeline prepares ahead of the one asked for, so that pipe.run()
-# finds its batch ready. A failure may surface this many batches late.
+# batches DALI prepares ahead so that pipe.run() finds one ready (a failure may surface this many late)
 PREFETCH = 2
 
 

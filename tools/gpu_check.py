@@ -360,8 +360,7 @@ def check_fidelity(plan: Plan, timeout: float) -> list[Row]:
             rows.append(Row("fidelity ∇ỹ", f"{model_name} {batch_size}+{batch_size} {side}px {precision}",
                             f"fd {cos['fd']:.6f}, jvp {cos['jvp']:.6f}", f"≥ {GOAL_FIDELITY}",
                             "ok" if worst >= GOAL_FIDELITY else "missed"))
-    # tools.fidelity computes on the CPU (fidelity is a property of the arithmetic): the paper's
-    # Conv-Large batch on the check's machine, two images in the rehearsal.
+    # fidelity is a property of the arithmetic, so tools.fidelity computes it on the CPU
     argv = ["--network", "convlarge", "--precision", "bf16"] + (["--batch", "2", "--threads", "1"] if plan.dry_run else [])
     rc, text = run_module("mgssl.tools.fidelity", argv, isolate=True, timeout=timeout)
     tail = " / ".join(text.strip().splitlines()[-3:])[:400]

@@ -289,11 +289,7 @@ def _jvp_primals(model, names, params, buffers, device, compiled):
     low = _autocast_dtype(device)
     if low is None:
         return primals, buffers, None, (), None
-    # The pass runs in the low precision as autocast's own forward does: convolutions and
-    # linear layers on low-precision weights, BatchNorm on its fp32 weights and statistics
-    # (rounding those to bf16 costs fidelity: docs/PERF.md). Autocast itself cannot be left to
-    # cast the weights: it looks at a dual tensor's primal only, so a tangent whose dtype
-    # differs from its primal's reaches the convolution uncast.
+    # cast by hand as autocast would: autocast sees a dual tensor's primal only (docs/PERF.md "The jvp pass")
     keep_fp32 = _batchnorm_tensor_names(model)
     cast_params = tuple(n not in keep_fp32 for n in names)
     cast_buffers = tuple(n not in keep_fp32 for n in buffers)
@@ -317,8 +313,7 @@ def _jvp(model, names, primals, buffers, g, x_u, low, cast_params, theta_norm):
     tangent_dtype, unscale = nullcontext(), None
     if low is not None:
         if low == torch.float16:
-            # J·g is linear in g: a tangent as long as θ keeps fp16's narrow range away from both
-            # underflow (g's entries can be far below 6e-5) and overflow (a zero g stays zero).
+            # J·g is linear in g: a tangent of θ's length stays inside fp16's range (docs/PERF.md "The jvp pass")
             unscale = gnorm.clamp_min(torch.finfo(gnorm.dtype).tiny) / theta_norm
             tangents = torch._foreach_div(tangents, unscale)
         tangents = _cast_where(tangents, low, cast_params)

@@ -90,9 +90,7 @@ def train_step(parts: StepParts, batch: tuple[torch.Tensor, torch.Tensor, torch.
                                      scaler=parts.scaler)
 
     with autocast:
-        # The unlabeled batch gets its own train-mode forward only when the run has a consistency term:
-        # with method.consistency_weight=0 (the authors' mixup-only baseline) it would still move the
-        # BatchNorm statistics. The first step of a ramp (weight 0 there) keeps it, as their meta script.
+        # with weight 0 (the authors' mixup-only baseline) x_u's forward would still move BatchNorm's statistics
         with_consistency = method.unlabeled and method.consistency_weight != 0
         if not method.unlabeled or not method.mixup:
             logits_l, *logits_u = parts.forwards(x_l, x_u) if with_consistency else parts.forwards(x_l)
