@@ -47,8 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_bench(argv=None) -> dict:
-    args = parse_args(argv)
+def run_bench(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -97,9 +96,10 @@ def print_table(s: dict) -> None:
 
 
 def main(argv=None) -> int:
-    s = run_bench(argv)
+    args = parse_args(argv)
+    s = run_bench(args)
     print_table(s)
-    if "--json" in (sys.argv[1:] if argv is None else argv):
+    if args.json:
         print(json.dumps(s))
     return 0
 
