@@ -307,7 +307,6 @@ def ddp_bookkeeping_reads(t, cfg, device: torch.device, steps: int) -> int:
     import copy
 
     from mgssl.train.engine import ddp_options
-    from mgssl.train.host_syncs import count_host_syncs
     from mgssl.train.step import SeparateForwards
 
     net = copy.deepcopy(t.net)
@@ -319,10 +318,7 @@ def ddp_bookkeeping_reads(t, cfg, device: torch.device, steps: int) -> int:
 
     for _ in range(2):
         step()
-    with count_host_syncs() as counts:
-        for _ in range(steps):
-            step()
-    return sum(v for k, v in counts.items() if k != "Tensor.item")
+    return count_syncs(step, device, steps)
 
 
 @dataclass
