@@ -283,8 +283,13 @@ def log_window(t: Training, done: int, lr: float, weight: float, progress: Progr
 def write_log(t: Training, kind: str, step: int, values: dict) -> None:
     """A record of metrics.jsonl (rank 0 writes it); a failed write stops every rank together."""
     error = t.log.write(kind, step, values)
-    if D.any_rank(error is not None, t.d):
-        raise error if error is not None else rf.RunFileError(f"rank 0 could not write {rf.METRICS}; see its message")
+    stop_all_ranks_on(error, t.d, rf.RunFileError(f"rank 0 could not write {rf.METRICS}; see its message"))
+
+
+def stop_all_ranks_on(error: Optional[Exception], d: D.Dist, elsewhere: Exception) -> None:
+    """Raise on every rank if rank 0's write failed: `error` there, `elsewhere` on the other ranks."""
+    if D.any_rank(error is not None, d):  # every rank stops together, not just the one that failed
+        raise error if error is not None else elsewhere
 
 
 def stop_if_not_finite(t: Training, step: int, all_finite: Optional[bool] = None) -> None:
@@ -322,9 +327,7 @@ def save(t: Training, step: int, off_schedule: bool = False) -> None:
             ckpt.save_atomic(payload, t.checkpoint_path)
         except (ckpt.CheckpointError, NonFiniteLossError) as e:
             error = e
-    if D.any_rank(error is not None, t.d):  # every rank stops together, not just the one that failed
-        raise error if error is not None else ckpt.CheckpointError(
-            f"rank 0 could not write {t.checkpoint_path}; see its message")
+    stop_all_ranks_on(error, t.d, ckpt.CheckpointError(f"rank 0 could not write {t.checkpoint_path}; see its message"))
 
 
 def _errors(t: Training, net: nn.Module, subset: str, autocast) -> dict:
@@ -372,9 +375,8 @@ def save_best(t: Training, result: dict) -> None:
             ckpt.save_atomic(payload, t.best_checkpoint_path)
         except ckpt.CheckpointError as e:
             error = e
-    if D.any_rank(error is not None, t.d):
-        raise error if error is not None else ckpt.CheckpointError(
-            f"rank 0 could not write {t.best_checkpoint_path}; see its message")
+    stop_all_ranks_on(error, t.d,
+                      ckpt.CheckpointError(f"rank 0 could not write {t.best_checkpoint_path}; see its message"))
 
 
 def summarize(t: Training, schedule: RunPlan) -> dict:
