@@ -116,6 +116,36 @@ def test_a_comparison_is_established_only_when_both_adjusted_tests_are():
     assert not only.established and "not established" in only.verdict()
 
 
+def test_a_comparison_not_established_says_which_effects_its_interval_rules_out(tmp_path):
+    from mgssl.tools.report import TABLE4_VARIANTS, paired_meta
+
+    def only(differences):
+        errors = {TABLE4_VARIANTS["none"]: {s: 0.1 for s in range(len(differences))},
+                  TABLE4_VARIANTS["meta"]: {s: 0.1 + d / 100 for s, d in enumerate(differences)}}
+        (comparison,) = paired_meta(errors)
+        assert not comparison.established
+        return comparison
+
+    lower = only([-1.0, -1.5, -0.8, -1.2])  # interval [-1.60, -0.65]: Wilcoxon cannot reject with four seeds
+    assert lower.excluded(0.5) == "the interval rules out raising the error by 0.5 points or more"
+    assert lower.excluded(2.0) == "the interval rules out a change of 2 points or more either way"
+    higher = only([1.0, 1.5, 0.8, 1.2])
+    assert higher.excluded(0.5) == "the interval rules out lowering the error by 0.5 points or more"
+    wide = only([-1.0, 1.0, 0.5])  # mean 1/6, interval about [-2.3, +2.6]
+    assert wide.excluded(1.0) == "the interval leaves changes of 1 point or more open"
+    assert wide.verdict(1.0).endswith("; the interval leaves changes of 1 point or more open")
+    assert "interval rules" not in wide.verdict() and "open" not in wide.verdict()
+    # the command line: the report's verdicts carry the reading, a size of zero or less is refused
+    from mgssl.tools.report import main
+
+    write_runs(tmp_path / "runs", {"none": {s: 0.1 for s in range(4)},
+                                   "meta": {s: 0.1 + d / 100 for s, d in enumerate([1.0, 1.5, 0.8, 1.2])}})
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--smallest-effect", "0.5"]) == 0
+    assert "; the interval rules out lowering the error by 0.5 points or more" in (tmp_path / "out/report.md").read_text()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--smallest-effect", "0"])
+
+
 def test_the_verdict_says_established_when_every_comparison_is(tmp_path):
     gain = [-1.0, -1.5, -0.8, -1.2, -0.9, -1.1, -1.3]
     write_runs(tmp_path / "runs", {"none": {s: 0.1 for s in range(7)},

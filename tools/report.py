@@ -6,9 +6,9 @@ against the number of labels where runs differ in it (Figure 2), and the ablatio
 every experiment trained in two or more of its rows (labeled-only and rows 1-4), with the rows compared
 seed by seed: the meta term on against off (row 2 − row 1, row 4 − row 3) and each row against
 labeled-only, each comparison with its paired differences, their 95% t interval, the paired t-test and
-Wilcoxon's signed-rank test, raw and Holm-adjusted over the comparisons shown together, and a verdict;
-a table holding neither kind of pair compares its rows two by two. Then the step at which each row
-passes labeled-only. Each argument is a run folder or a folder searched for run folders below it."""
+Wilcoxon's signed-rank test, raw and Holm-adjusted over the comparisons shown together, and a verdict
+(with --smallest-effect, also which effects of that size the interval rules out); a table holding
+neither kind of pair compares its rows two by two. Then the step at which each row passes labeled-only. Each argument is a run folder or a folder searched for run folders below it."""
 import argparse
 import statistics
 import sys
@@ -176,7 +176,9 @@ class Paired:
         t = self.test
         return all(p is not None and p < SIGNIFICANCE for p in (t.t_p_holm, t.wilcoxon_p_holm))
 
-    def verdict(self) -> str:
+    def verdict(self, smallest_effect: Optional[float] = None) -> str:
+        """`smallest_effect`: an effect size in points; a comparison not established then also says whether
+        its interval rules out effects that large."""
         t = self.test
         if t.t_p is None:
             return (f"{self.label}: not established: {t.n} seed in both rows, no interval; train at least 3 "
@@ -187,8 +189,20 @@ class Paired:
                    f"(Wilcoxon), {t.n} seeds")
         if self.established:
             return f"{self.label}: established: {self.subject} {effect} the error ({numbers})"
-        return (f"{self.label}: not established: {self.subject} {effect} the error by {numbers}; a test's "
-                f"adjusted p is not below {SIGNIFICANCE}")
+        verdict = (f"{self.label}: not established: {self.subject} {effect} the error by {numbers}; a test's "
+                   f"adjusted p is not below {SIGNIFICANCE}")
+        return verdict + (f"; {self.excluded(smallest_effect)}" if smallest_effect is not None else "")
+
+    def excluded(self, points: float) -> str:
+        """Which effects of `points` or more the 95% interval rules out: a gain, a harm, both or neither."""
+        low, high, size = 100 * self.test.low, 100 * self.test.high, f"{points:g} point{'' if points == 1 else 's'} or more"
+        if low > -points and high < points:
+            return f"the interval rules out a change of {size} either way"
+        if low > -points:
+            return f"the interval rules out lowering the error by {size}"
+        if high < points:
+            return f"the interval rules out raising the error by {size}"
+        return f"the interval leaves changes of {size} open"
 
 
 def errors_by_seed(table: AblationTable, warn=print) -> dict[tuple, dict]:
@@ -243,9 +257,10 @@ def _p(value: Optional[float]) -> str:
     return f"{value:.3g}" if value is not None else "–"
 
 
-def paired_markdown(comparisons: list[Paired], kind: str = "meta") -> list[str]:
+def paired_markdown(comparisons: list[Paired], kind: str = "meta", smallest_effect: Optional[float] = None) -> list[str]:
     """The table of paired differences and a verdict per comparison; for the meta term also one overall.
-    `kind`: "meta" (meta on minus off), "gains" (each row minus labeled-only) or "others"."""
+    `kind`: "meta" (meta on minus off), "gains" (each row minus labeled-only) or "others"; `smallest_effect`:
+    see `Paired.verdict`."""
     rows = []
     for c in comparisons:
         t = c.test
@@ -272,7 +287,7 @@ def paired_markdown(comparisons: list[Paired], kind: str = "meta") -> list[str]:
             many = len(c.unmatched) > 1
             md += [f"{c.label}: seed{'s' if many else ''} {', '.join(map(str, c.unmatched))} "
                    f"{'are' if many else 'is'} in one row only and left out.", ""]
-    md += [f"- {c.verdict()}" for c in comparisons] + [""]
+    md += [f"- {c.verdict(smallest_effect)}" for c in comparisons] + [""]
     if kind != "meta":
         return md
     established = [c for c in comparisons if c.established]
@@ -368,7 +383,8 @@ def _pct(value) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "–"
 
 
-def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: str = "", warn=None) -> Report:
+def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: str = "", warn=None,
+                 smallest_effect: Optional[float] = None) -> Report:
     from mgssl.tools import plots
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
@@ -458,15 +474,15 @@ def build_report(paths: list, out: Path, metric: str = DEFAULT_METRIC, command: 
         comparisons = paired_meta(errors)
         if comparisons:
             report.paired.append((table.title, comparisons))
-            md += paired_markdown(comparisons)
+            md += paired_markdown(comparisons, smallest_effect=smallest_effect)
         gains = paired_gains(errors)
         if gains:
             report.gains.append((table.title, gains))
-            md += paired_markdown(gains, kind="gains")
+            md += paired_markdown(gains, kind="gains", smallest_effect=smallest_effect)
         others = [] if comparisons or gains else paired_others(errors)
         if others:
             report.others.append((table.title, others))
-            md += paired_markdown(others, kind="others")
+            md += paired_markdown(others, kind="others", smallest_effect=smallest_effect)
         passing = overtaking_table(table)
         if passing:
             report.overtaking.append((table.title, passing))
@@ -495,10 +511,15 @@ def main(argv=None) -> int:
     p.add_argument("--metric", default=DEFAULT_METRIC, choices=tuple(METRICS),
                    help=f"which error of final.json Table 4 and Figure 2 use (default: {DEFAULT_METRIC}, the "
                         "last evaluation; median_last_test_error: the median of the last train.keep_last_evals)")
+    p.add_argument("--smallest-effect", type=float, metavar="POINTS",
+                   help="an effect size in points of error: each comparison not established also says whether "
+                        "its 95%% interval rules out effects that large (e.g. 1.0)")
     args = p.parse_args(argv)
+    if args.smallest_effect is not None and not args.smallest_effect > 0:
+        p.error(f"--smallest-effect {args.smallest_effect:g}: give a positive number of points, e.g. 1.0")
     command = "python -m mgssl.tools.report " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        report = build_report(args.runs, args.out, args.metric, command)
+        report = build_report(args.runs, args.out, args.metric, command, smallest_effect=args.smallest_effect)
     except RunSelectionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
