@@ -127,6 +127,7 @@ def test_a_comparison_not_established_says_which_effects_its_interval_rules_out(
         return comparison
 
     lower = only([-1.0, -1.5, -0.8, -1.2])  # interval [-1.60, -0.65]: Wilcoxon cannot reject with four seeds
+    assert only([(-1) ** s * 0.5 for s in range(12)]).seeds == list(range(12))  # seed 2 before seed 10
     assert lower.excluded(0.5) == "the interval rules out raising the error by 0.5 points or more"
     assert lower.excluded(2.0) == "the interval rules out a change of 2 points or more either way"
     higher = only([1.0, 1.5, 0.8, 1.2])

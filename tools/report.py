@@ -242,8 +242,8 @@ def paired_rows(errors: dict[tuple, dict], pairs: tuple, subject: str) -> list[P
         first, second = errors.get(TABLE4_VARIANTS[on]), errors.get(TABLE4_VARIANTS[off])
         if first is None or second is None:
             continue
-        seeds = sorted(set(first) & set(second), key=str)
-        unmatched = sorted(set(first) ^ set(second), key=str)
+        seeds = sorted(set(first) & set(second), key=seed_order)
+        unmatched = sorted(set(first) ^ set(second), key=seed_order)
         if not seeds:
             continue
         test = paired_tests([first[s] for s in seeds], [second[s] for s in seeds])
@@ -251,6 +251,11 @@ def paired_rows(errors: dict[tuple, dict], pairs: tuple, subject: str) -> list[P
     for comparison, adjusted in zip(out, with_holm([c.test for c in out])):
         comparison.test = adjusted
     return out
+
+
+def seed_order(seed) -> tuple:
+    """Numbers in numeric order (seed 6 before seed 10), then anything else a final.json may hold, as text."""
+    return (0, seed, "") if isinstance(seed, (int, float)) and not isinstance(seed, bool) else (1, 0, str(seed))
 
 
 def _p(value: Optional[float]) -> str:
