@@ -8,7 +8,8 @@ seed by seed: the meta term on against off (row 2 − row 1, row 4 − row 3) an
 labeled-only, each comparison with its paired differences, their 95% t interval, the paired t-test and
 Wilcoxon's signed-rank test, raw and Holm-adjusted over the comparisons shown together, and a verdict
 (with --smallest-effect, also which effects of that size the interval rules out); a table holding
-neither kind of pair compares its rows two by two. Then the step at which each row passes labeled-only. Each argument is a run folder or a folder searched for run folders below it."""
+neither kind of pair compares its rows two by two. Then the step at which each row passes labeled-only.
+Each argument is a run folder or a folder searched for run folders below it."""
 import argparse
 import statistics
 import sys
@@ -195,7 +196,8 @@ class Paired:
 
     def excluded(self, points: float) -> str:
         """Which effects of `points` or more the 95% interval rules out: a gain, a harm, both or neither."""
-        low, high, size = 100 * self.test.low, 100 * self.test.high, f"{points:g} point{'' if points == 1 else 's'} or more"
+        low, high = 100 * self.test.low, 100 * self.test.high
+        size = f"{points:g} point{'' if points == 1 else 's'} or more"
         if low > -points and high < points:
             return f"the interval rules out a change of {size} either way"
         if low > -points:
