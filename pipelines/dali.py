@@ -405,10 +405,8 @@ class ReadAhead:
         return self.pending.pop(batch).result()
 
     def close(self) -> None:
-        for future in self.pending.values():
-            future.cancel()
         self.pending = {}
-        self.pool.shutdown(wait=False)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # a closed stream has no thread still reading its files
 
 
 class FileStream:

@@ -1,5 +1,7 @@
 """The DALI ImageNet-folder pipeline on the CPU (device_id=None): what comes out, per-rank shards,
 exact resume, and what a broken JPEG does."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -166,13 +168,14 @@ def test_each_rank_reads_only_its_own_files(folders, monkeypatch):
 
     reads = []
     real = dali.read_encoded
-    monkeypatch.setattr(dali, "read_encoded", lambda path: reads.append(path) or real(path))
+    # slow reads, so that some are in flight when the streams close
+    monkeypatch.setattr(dali, "read_encoded", lambda path: time.sleep(0.01) or reads.append(path) or real(path))
     cfg = config(folders, batch_size=8, labels=0.5, unlabeled="all")
     rank = build_data(cfg, seed=4, device="cpu", rank=1, world_size=2)
     for _ in range(6):
         next(rank.train)
     for stream in (rank.train.labeled, rank.train.unlabeled):
-        stream._close()  # waits for no read: the reads made so far are all there are
+        stream._close()  # waits for the reads in flight: the reads made so far are all there are
     local = 4
     assert len(reads) % local == 0
     wanted = Counter()
