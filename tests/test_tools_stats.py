@@ -142,7 +142,8 @@ def test_a_comparison_not_established_says_which_effects_its_interval_rules_out(
     write_runs(tmp_path / "runs", {"none": {s: 0.1 for s in range(4)},
                                    "meta": {s: 0.1 + d / 100 for s, d in enumerate([1.0, 1.5, 0.8, 1.2])}})
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--smallest-effect", "0.5"]) == 0
-    assert "; the interval rules out lowering the error by 0.5 points or more" in (tmp_path / "out/report.md").read_text()
+    text = (tmp_path / "out/report.md").read_text()
+    assert "; the interval rules out lowering the error by 0.5 points or more" in text
     with pytest.raises(SystemExit):
         main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--smallest-effect", "0"])
 

@@ -264,7 +264,8 @@ def _p(value: Optional[float]) -> str:
     return f"{value:.3g}" if value is not None else "–"
 
 
-def paired_markdown(comparisons: list[Paired], kind: str = "meta", smallest_effect: Optional[float] = None) -> list[str]:
+def paired_markdown(comparisons: list[Paired], kind: str = "meta",
+                    smallest_effect: Optional[float] = None) -> list[str]:
     """The table of paired differences and a verdict per comparison; for the meta term also one overall.
     `kind`: "meta" (meta on minus off), "gains" (each row minus labeled-only) or "others"; `smallest_effect`:
     see `Paired.verdict`."""
